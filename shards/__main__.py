@@ -1,0 +1,114 @@
+"""``python -m shards``: synthesise demo data, build shards, verify them, describe them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .build import DEFAULT_CODEC
+from .format import CODECS
+
+
+def _build_parser(sub) -> None:
+    p = sub.add_parser(
+        "build",
+        help="turn NIfTI/DICOM datasets into webdataset shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Preprocess volumes once — reorient to RAS, resample, optionally crop to the body, store CT as int16 HU
+and MRI as float16, labels as uint8 — and write them into webdataset tar shards with an index.json
+(sample counts, bytes, sha256, build config). Volumes that cannot be read are listed in errors.jsonl
+with the reason and skipped. Re-running the same command after an interruption keeps finished shards.
+
+INPUT may be an nnU-Net v2 / MSD raw dataset folder (dataset.json + imagesTr/ [+ labelsTr/]),
+a CSV list with a header 'path,modality[,label]', a folder of NIfTI files, a folder of DICOM series
+(needs: pip install 'medssl[dicom]'), or one NIfTI file.""",
+        epilog="example: python -m shards build data/Dataset001_Liver ct_list.csv --out shards/ct --spacing 1.5",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="datasets, folders, CSV lists or files")
+    p.add_argument("--out", required=True, help="output folder for the shards (created)")
+    p.add_argument("--spacing", default="1.5",
+                   help="target voxel spacing in mm: one value (isotropic), 'x,y,z', or 'native' (default 1.5)")
+    p.add_argument("--codec", default=DEFAULT_CODEC, choices=CODECS,
+                   help=f"voxel payload: npy (fastest to read), zstd or blosc2 (smaller) (default {DEFAULT_CODEC})")
+    p.add_argument("--shard-size", default="512MB", help="target shard size, e.g. 256MB, 1GB (default 512MB)")
+    p.add_argument("--crop-body", action="store_true", help="crop each volume to the body's bounding box")
+    p.add_argument("--modality", default="CT", choices=["CT", "MR"],
+                   help="modality of plain NIfTI/DICOM folders (datasets and CSV lists name their own)")
+    p.add_argument("--include-test", action="store_true", help="also take imagesTs/ of nnU-Net/MSD datasets")
+    p.add_argument("--no-labels", action="store_true", help="leave labels out even where they exist")
+    p.add_argument("--workers", type=int, default=None, help="preprocessing processes (default: cores, at most 8)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any volume was skipped")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier build in --out and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args):
+        from .build import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
+def _verify_parser(sub) -> None:
+    p = sub.add_parser("verify", help="check checksums, decode every sample, compare counts with index.json",
+                       description="Recompute every shard's sha256, decode every sample (checking each voxel "
+                                   "member's CRC-32, shape and dtype) and compare counts and keys with index.json. "
+                                   "Exits 1 if anything is wrong.")
+    p.add_argument("dir", help="a shard set (folder with index.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args):
+        from .verify import verify, verify_table
+
+        try:
+            reports = verify(args.dir, progress=not args.quiet)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(verify_table(reports))
+        bad = [r for r in reports if r.problems]
+        n = sum(r.found for r in reports if r.name != "samples.jsonl")
+        print(f"{'FAILED' if bad else 'OK'}: {n} samples in {len(reports)} shard(s) checked"
+              + (f", {len(bad)} with problems" if bad else ""))
+        return 1 if bad else 0
+
+    p.set_defaults(func=run)
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="volumes, modalities, spacing and size distributions, bytes",
+                       description="Describe a shard set from its index.json and samples.jsonl.")
+    p.add_argument("dir", help="a shard set (folder with index.json)")
+
+    def run(args):
+        from .verify import info
+
+        try:
+            print(info(args.dir))
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m shards",
+        description="medssl shards: NIfTI/DICOM datasets -> verified webdataset shards -> 3D crops for every rank.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import synth
+
+    synth.register_cli(sub)
+    _build_parser(sub)
+    _verify_parser(sub)
+    _info_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Crop sampling, intensity windows and flips/rot90 for the stream.
+
+Kept apart from the stream's plumbing so that the same steps can later run on the training device
+(a pool of decoded volumes on the GPU) without the recipes noticing: each function takes arrays and a
+random generator and returns arrays plus what it did (origins, flips), so a crop is always traceable
+to its place in the stored volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Window:
+    """Intensity mapping applied at read time (the recipe chooses it; shards keep raw HU).
+
+    CT: clip ``ct`` (HU) and map it linearly to ``out`` (the official Hi-End-MAE/MambaMIM setting is
+    [-175, 250] → [0, 1]; MIS-FM uses [-1000, 1000] → [-1, 1]). MRI: map each volume's foreground
+    0.5th–99.5th percentiles (recorded at build time) to ``out``.
+    """
+
+    ct: tuple[float, float] = (-175.0, 250.0)
+    out: tuple[float, float] = (0.0, 1.0)
+    clip: bool = True
+
+    def bounds(self, meta: dict) -> tuple[float, float]:
+        """The stored-value range that maps onto ``out`` for this volume."""
+        if meta.get("modality", "CT") == "CT":
+            return float(self.ct[0]), float(self.ct[1])
+        st = meta.get("intensity", {})
+        lo, hi = float(st.get("fg_p0_5", 0.0)), float(st.get("fg_p99_5", 1.0))
+        return lo, hi if hi > lo else lo + 1.0
+
+    def apply(self, x: np.ndarray, meta: dict) -> np.ndarray:
+        lo, hi = self.bounds(meta)
+        y = x.astype(np.float32)
+        if self.clip:
+            np.clip(y, lo, hi, out=y)
+        scale = (self.out[1] - self.out[0]) / (hi - lo)
+        y -= lo
+        y *= scale
+        y += self.out[0]
+        return y
+
+
+def pad_to(vol: np.ndarray, crop: tuple[int, int, int], value) -> tuple[np.ndarray, np.ndarray]:
+    """Pad the spatial axes of ``vol`` ``[C, X, Y, Z]`` (centred) up to ``crop``; returns it and the pad before."""
+    short = [max(0, c - s) for c, s in zip(crop, vol.shape[1:])]
+    before = np.array([d // 2 for d in short], dtype=np.int64)
+    if not any(short):
+        return vol, before
+    widths = [(0, 0)] + [(d // 2, d - d // 2) for d in short]
+    return np.pad(vol, widths, mode="constant", constant_values=value), before
+
+
+def foreground_points(vol: np.ndarray, threshold: float, stride: int = 4) -> np.ndarray:
+    """Coordinates ``[N, 3]`` of voxels above ``threshold`` on a ``stride`` grid (any channel)."""
+    sub = vol[:, ::stride, ::stride, ::stride]  # [C, X/s, Y/s, Z/s]
+    return np.argwhere((sub > threshold).any(axis=0)) * stride
+
+
+def sample_origins(shape, crop, fg: np.ndarray, pos_fraction: float, n: int, rng: np.random.Generator,
+                   stride: int = 4) -> np.ndarray:
+    """``n`` crop origins ``[n, 3]`` in a volume of spatial ``shape``.
+
+    A fraction ``pos_fraction`` of crops is centred on a foreground point (jittered within its stride
+    cell), the rest is uniform — the role of MONAI's ``RandCropByPosNegLabeld`` with the image as label
+    in the official recipes (pos 6 / neg 2 → 0.75). Crops always lie inside the (padded) volume.
+    """
+    shape, crop = np.asarray(shape), np.asarray(crop)
+    hi = shape - crop  # inclusive upper bound of an origin
+    out = np.empty((n, 3), dtype=np.int64)
+    for i in range(n):
+        if len(fg) and rng.random() < pos_fraction:
+            centre = fg[rng.integers(len(fg))] + rng.integers(0, stride, size=3)
+            out[i] = np.clip(centre - crop // 2, 0, hi)
+        else:
+            out[i] = [rng.integers(0, h + 1) for h in hi]
+    return out
+
+
+def flip_rot90(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator, flip_prob: float,
+               rot90_prob: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
+    """Random flips of each spatial axis (``flip_prob`` each) and a rot90 in the X–Y plane (``rot90_prob``).
+
+    Quarter turns need a square X–Y crop; otherwise only the half turn is drawn.
+    Returns the (contiguous) image, label, the flip flags ``[3]`` and the number of quarter turns.
+    """
+    flips = rng.random(3) < flip_prob
+    k = 0
+    if rot90_prob > 0 and rng.random() < rot90_prob:
+        k = int(rng.integers(1, 4)) if img.shape[1] == img.shape[2] else 2
+    axes = tuple(int(a) + 1 for a in np.flatnonzero(flips))  # +1: skip the channel axis
+    if axes:
+        img = np.flip(img, axes)
+        lab = np.flip(lab, axes) if lab is not None else None
+    if k:
+        img = np.rot90(img, k, axes=(1, 2))
+        lab = np.rot90(lab, k, axes=(1, 2)) if lab is not None else None
+    img = np.ascontiguousarray(img)
+    lab = np.ascontiguousarray(lab) if lab is not None else None
+    return img, lab, flips, k

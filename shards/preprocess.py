@@ -1,0 +1,346 @@
+"""Build-time preprocessing of one volume: load, check, reorient to RAS, resample, crop, cast.
+
+This runs once per volume when shards are built, so that training never pays for gzip decoding,
+reorientation or resampling again. Every check raises :class:`~shards.errors.InputError` naming the
+file, the reason and the fix; the builder records it and skips the volume.
+
+Resampling convention (declared here, reproduced by the tests with an independent trilinear
+reference): the first voxel centre stays where it is, the new grid steps by the target spacing, the
+output has ``round(n · spacing / target)`` voxels per axis, values are interpolated linearly (images)
+or by nearest neighbour (labels) along each axis, and positions past the last input voxel repeat the
+edge. Interpolation runs in float64 so the int16 result does not depend on summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .format import BACKGROUND, CT_RANGE, LABEL_DTYPE, MODALITY_DTYPE
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti_path(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file as ``(float32 [X, Y, Z], affine)``, refusing anything that is not a sane 3D volume."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file does not exist", "check the path in the input list")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)", "re-export the volume or remove it from the input")
+    try:
+        img = nib.load(str(path))
+    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+        raise InputError(
+            path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})", "re-export it as NIfTI-1/2 or remove it"
+        ) from None
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        what = f"{len(shape)}D image (shape {shape})"
+        fix = "pass 3D volumes only"
+        if len(shape) == 4:
+            what += f" with {shape[3]} volumes along the 4th axis"
+            fix = "split the channels into one 3D file each (nnU-Net v2 layout: CASE_0000, CASE_0001, …) or pass one"
+        elif len(shape) == 2:
+            what += ": a single slice, not a 3D volume"
+        raise InputError(path, what, fix)
+    if min(shape) < 2:
+        raise InputError(path, f"degenerate shape {shape}", "pass 3D volumes with at least 2 voxels per axis")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise InputError(
+            path, f"truncated or corrupt voxel data ({type(exc).__name__}: {exc})", "re-copy or re-export the file"
+        ) from None
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(
+            path, f"{bad} non-finite voxels (NaN/inf) of {data.size}", "repair the export (or fill them) and rebuild"
+        )
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(path, affine)
+    return data, affine
+
+
+def check_affine(path, affine: np.ndarray) -> None:
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine is not a finite 4x4 matrix", "fix the header (qform/sform)")
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(zooms < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, f"singular affine (voxel sizes {np.round(zooms, 4).tolist()})", "fix the header")
+
+
+def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load a NIfTI file or a DICOM series folder as ``(float32 [X, Y, Z], affine in RAS+ world mm)``."""
+    path = Path(path)
+    if path.is_dir():
+        from . import dicom
+
+        series = dicom.find_series(path)
+        if len(series) != 1:
+            raise InputError(
+                path,
+                f"folder holds {len(series)} DICOM series, expected exactly one",
+                "point the input at one series folder, or at the parent to take every series",
+            )
+        return dicom.load_series(series[0])
+    return load_nifti(path)
+
+
+# ------------------------------------------------------------------------------------- geometry
+def orientation_codes(affine: np.ndarray) -> str:
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(affine))
+
+
+def reorient_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permute/flip the last three axes of ``arr`` (``[..., X, Y, Z]``) to the closest RAS+ orientation."""
+    from nibabel import orientations as ornt
+
+    current = ornt.io_orientation(affine)
+    transform = ornt.ornt_transform(current, ornt.axcodes2ornt(("R", "A", "S")))
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return arr, affine
+    spatial = arr.shape[-3:]
+    lead = arr.ndim - 3
+    out = arr
+    # nibabel's apply_orientation works on the first three axes; move spatial axes to the front.
+    if lead:
+        out = np.moveaxis(out, list(range(lead)), list(range(3, 3 + lead)))
+    out = ornt.apply_orientation(out, transform)
+    if lead:
+        out = np.moveaxis(out, list(range(3, 3 + lead)), list(range(lead)))
+    new_affine = affine @ ornt.inv_ornt_aff(transform, spatial)
+    return np.ascontiguousarray(out), new_affine
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+def resampled_shape(shape, spacing, target) -> tuple[int, int, int]:
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def resample(arr: np.ndarray, spacing, target, order: int) -> np.ndarray:
+    """Resample the last three axes of ``arr`` from ``spacing`` to ``target`` (mm); ``order`` 1 = linear, 0 = nearest.
+
+    Returns float64 for ``order=1`` and the input dtype for ``order=0``.
+    """
+    spacing = [float(s) for s in spacing]
+    target = [float(t) for t in target]
+    new_shape = resampled_shape(arr.shape[-3:], spacing, target)
+    # resample the axis that shrinks most first: later passes then work on less data
+    axes = sorted(range(3), key=lambda a: new_shape[a] / arr.shape[arr.ndim - 3 + a])
+    out = arr
+    for a in axes:
+        ax = arr.ndim - 3 + a
+        n_in, n_out = out.shape[ax], new_shape[a]
+        if n_in == n_out and abs(spacing[a] - target[a]) < 1e-9:
+            continue
+        pos = np.arange(n_out, dtype=np.float64) * (target[a] / spacing[a])  # positions in input voxels
+        pos = np.minimum(pos, n_in - 1)
+        if order == 0:
+            idx = np.minimum(np.floor(pos + 0.5).astype(np.intp), n_in - 1)
+            out = np.take(out, idx, axis=ax)
+            continue
+        i0 = np.floor(pos).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        w = (pos - i0).reshape([-1 if d == ax else 1 for d in range(out.ndim)])
+        lo = np.take(out, i0, axis=ax).astype(np.float64, copy=False)
+        hi = np.take(out, i1, axis=ax).astype(np.float64, copy=False)
+        out = lo + (hi - lo) * w
+    if order == 1 and out.dtype != np.float64:
+        out = out.astype(np.float64)
+    return out
+
+
+def scale_affine(affine: np.ndarray, spacing, target) -> np.ndarray:
+    """Affine of the resampled grid: same first voxel centre, columns scaled to the new spacing."""
+    factors = np.array([t / s for s, t in zip(spacing, target)] + [1.0])
+    return affine @ np.diag(factors)
+
+
+def body_box(image: np.ndarray, modality: str, margin: int = 4) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the body (CT > -500 HU; MRI > 5 % of the 99th percentile), with a margin in voxels."""
+    vol = image[0]
+    if modality == "CT":
+        mask = vol > -500
+    else:
+        hi = np.percentile(vol, 99)
+        mask = vol > 0.05 * hi
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        lo, hi_ = max(0, hits[0] - margin), min(vol.shape[axis], hits[-1] + 1 + margin)
+        box.append(slice(int(lo), int(hi_)))
+    return tuple(box)
+
+
+# ------------------------------------------------------------------------------------- one volume
+@dataclass
+class Prepared:
+    image: np.ndarray  # [C, X, Y, Z], int16 (CT) or float16 (MR)
+    label: np.ndarray | None  # [1, X, Y, Z] uint8
+    meta: dict
+
+
+def parse_spacing(value) -> tuple[float, float, float] | None:
+    """``"1.5"`` → (1.5, 1.5, 1.5); ``"0.8,0.8,2"`` → per axis; ``"native"``/None → keep the source spacing."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    if isinstance(value, (list, tuple)):
+        vals = [float(v) for v in value]
+    else:
+        text = str(value).strip().lower()
+        if text == "native":
+            return None
+        vals = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or min(vals) <= 0:
+        raise ValueError(f"target spacing {value!r} must be one positive number, three (x,y,z), or 'native'")
+    return tuple(vals)
+
+
+def intensity_stats(image: np.ndarray, modality: str) -> dict:
+    """Statistics the stream uses to normalise at read time (MRI percentiles) and `info` reports."""
+    vol = image.astype(np.float32, copy=False)
+    sub = vol.reshape(-1)[:: max(1, vol.size // 2_000_000)]  # strided sample keeps this cheap
+    fg = sub[sub > (-500 if modality == "CT" else np.percentile(sub, 10))]
+    if fg.size == 0:
+        fg = sub
+    p = np.percentile(fg, [0.5, 50, 99.5])
+    return {
+        "min": float(vol.min()),
+        "max": float(vol.max()),
+        "mean": float(sub.mean()),
+        "std": float(sub.std()),
+        "fg_p0_5": float(p[0]),
+        "fg_p50": float(p[1]),
+        "fg_p99_5": float(p[2]),
+        "fg_mean": float(fg.mean()),
+        "fg_std": float(fg.std()),
+    }
+
+
+def prepare_volume(
+    images: list[str | Path],
+    label: str | Path | None,
+    modality: str,
+    target_spacing=(1.5, 1.5, 1.5),
+    crop_body: bool = False,
+) -> Prepared:
+    """Load one case (one file per channel, optional label), check it and bring it to the stored form."""
+    channels, affine0 = [], None
+    for path in images:
+        data, affine = load_image(path)
+        if affine0 is None:
+            affine0, shape0, first = affine, data.shape, path
+        elif data.shape != shape0 or not np.allclose(affine, affine0, atol=1e-3):
+            raise InputError(
+                path,
+                f"channel geometry differs from {Path(first).name} (shape {data.shape} vs {shape0})",
+                "resample all channels of a case to one grid before building",
+            )
+        channels.append(data)
+    image = np.stack(channels)  # [C, X, Y, Z] float32
+    orig_shape, orig_orient = list(image.shape[1:]), orientation_codes(affine0)
+    orig_spacing = voxel_spacing(affine0)
+
+    lab = None
+    if label is not None:
+        lab_data, lab_affine = load_image(label)
+        if lab_data.shape != image.shape[1:]:
+            raise InputError(
+                label,
+                f"label shape {lab_data.shape} differs from image shape {tuple(image.shape[1:])} ({Path(images[0]).name})",
+                "pair each image with the label drawn on it, on the same grid",
+            )
+        if not np.allclose(lab_affine, affine0, atol=1e-2 * float(orig_spacing.min())):
+            raise InputError(
+                label,
+                "label affine differs from its image's affine",
+                "resample the label onto the image grid (nearest neighbour) before building",
+            )
+        rounded = np.rint(lab_data)
+        if np.any(np.abs(rounded - lab_data) > 1e-3) or rounded.min() < 0 or rounded.max() > 255:
+            raise InputError(label, "label holds non-integer or out-of-range (0..255) values", "store class indices")
+        lab = rounded.astype(LABEL_DTYPE)[None]  # [1, X, Y, Z]
+
+    image, affine = reorient_ras(image, affine0)
+    if lab is not None:
+        lab, _ = reorient_ras(lab, affine0)
+    spacing = voxel_spacing(affine)
+    if target_spacing is not None:
+        image = resample(image, spacing, target_spacing, order=1)
+        if lab is not None:
+            lab = resample(lab, spacing, target_spacing, order=0)
+        affine = scale_affine(affine, spacing, target_spacing)
+        spacing = np.array(target_spacing, dtype=np.float64)
+
+    crop = None
+    if crop_body:
+        box = body_box(image, modality)
+        if box is not None:
+            image = image[(slice(None), *box)]
+            lab = lab[(slice(None), *box)] if lab is not None else None
+            affine = affine.copy()
+            affine[:3, 3] = affine[:3, :3] @ np.array([b.start for b in box]) + affine[:3, 3]
+            crop = [[b.start, b.stop] for b in box]
+
+    if modality == "CT":
+        stored = np.clip(np.rint(image), *CT_RANGE).astype(MODALITY_DTYPE["CT"])
+        scale = 1.0
+    else:
+        peak = float(np.abs(image).max())
+        scale = 1.0 if peak < 6e4 else 2.0 ** np.ceil(np.log2(peak / 3e4))  # float16 tops out at 65504
+        stored = (image / scale).astype(MODALITY_DTYPE["MR"])
+    meta = {
+        "modality": modality,
+        "dtype": str(stored.dtype),
+        "shape": list(stored.shape),
+        "spacing": [float(s) for s in spacing],
+        "orientation": "RAS",
+        "affine": np.round(affine, 6).tolist(),
+        "background": BACKGROUND[modality],
+        "intensity": intensity_stats(stored, modality),
+        "intensity_scale": scale,
+        "original": {
+            "shape": orig_shape,
+            "spacing": [float(s) for s in orig_spacing],
+            "orientation": orig_orient,
+            "affine": np.round(affine0, 6).tolist(),
+        },
+        "body_crop": crop,
+    }
+    if lab is not None:
+        meta["label_classes"] = sorted(int(v) for v in np.unique(lab))
+    return Prepared(stored, lab, meta)
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """Size and mtime of a source file, recorded so a resumed build notices edited inputs."""
+    st = os.stat(path)
+    return {"bytes": st.st_size, "mtime": int(st.st_mtime)}
