@@ -100,9 +100,10 @@ def main(argv=None) -> int:
         description="medssl shards: NIfTI/DICOM datasets -> verified webdataset shards -> 3D crops for every rank.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from . import synth
+    from . import demo, synth
 
     synth.register_cli(sub)
+    demo.register_cli(sub)
     _build_parser(sub)
     _verify_parser(sub)
     _info_parser(sub)
