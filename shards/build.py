@@ -96,7 +96,8 @@ def _process(item: int, src: dict, spacing, crop_body: bool, codec: str) -> dict
                 f"case has {len(src['images'])} channel file(s), dataset.json declares {expected}",
                 "add the missing _000N channel files or fix channel_names",
             )
-        prep = prepare_volume(src["images"], src["label"], src["modality"], spacing, crop_body)
+        prep = prepare_volume(src["images"], src["label"], src["modality"], spacing, crop_body,
+                              series_uid=src.get("extra", {}).get("dicom_uid"))
         meta = dict(prep.meta)
         meta.update(
             format=FORMAT_VERSION,

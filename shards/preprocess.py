@@ -13,7 +13,6 @@ edge. Interpolation runs in float64 so the int16 result does not depend on summa
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,21 +84,28 @@ def check_affine(path, affine: np.ndarray) -> None:
         raise InputError(path, f"singular affine (voxel sizes {np.round(zooms, 4).tolist()})", "fix the header")
 
 
-def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load a NIfTI file or a DICOM series folder as ``(float32 [X, Y, Z], affine in RAS+ world mm)``."""
-    path = Path(path)
-    if path.is_dir():
-        from . import dicom
+def load_image(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load a NIfTI file or a DICOM series as ``(float32 [X, Y, Z], affine in RAS+ world mm)``.
 
-        series = dicom.find_series(path)
-        if len(series) != 1:
-            raise InputError(
-                path,
-                f"folder holds {len(series)} DICOM series, expected exactly one",
-                "point the input at one series folder, or at the parent to take every series",
-            )
-        return dicom.load_series(series[0])
-    return load_nifti(path)
+    For a DICOM folder, ``series_uid`` picks one series below it; without it the folder must hold one.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return load_nifti(path)
+    from . import dicom
+
+    series = dicom.find_series(path)
+    if series_uid is not None:
+        series = [s for s in series if s.uid == series_uid]
+    if len(series) != 1:
+        raise InputError(
+            path,
+            f"folder holds {len(series)} DICOM series{' with that UID' if series_uid else ''}, expected one",
+            "point the input at one series folder, or at the parent to take every series",
+        )
+    data, affine = dicom.load_series(series[0])
+    check_affine(path, affine)
+    return data, affine
 
 
 # ------------------------------------------------------------------------------------- geometry
@@ -251,11 +257,12 @@ def prepare_volume(
     modality: str,
     target_spacing=(1.5, 1.5, 1.5),
     crop_body: bool = False,
+    series_uid: str | None = None,
 ) -> Prepared:
-    """Load one case (one file per channel, optional label), check it and bring it to the stored form."""
+    """Load one case (one file or DICOM series per channel, optional label), check it, bring it to the stored form."""
     channels, affine0 = [], None
     for path in images:
-        data, affine = load_image(path)
+        data, affine = load_image(path, series_uid)
         if affine0 is None:
             affine0, shape0, first = affine, data.shape, path
         elif data.shape != shape0 or not np.allclose(affine, affine0, atol=1e-3):
@@ -339,8 +346,3 @@ def prepare_volume(
         meta["label_classes"] = sorted(int(v) for v in np.unique(lab))
     return Prepared(stored, lab, meta)
 
-
-def file_fingerprint(path: str | Path) -> dict:
-    """Size and mtime of a source file, recorded so a resumed build notices edited inputs."""
-    st = os.stat(path)
-    return {"bytes": st.st_size, "mtime": int(st.st_mtime)}

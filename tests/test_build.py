@@ -82,7 +82,7 @@ def test_each_bad_input_is_reported_and_the_rest_is_built(phantoms, tmp_path):
         from .test_dicom import write_series
 
         series = tmp_path / "dicom_gap"
-        write_series(series, n_slices=6, drop=[3])
+        write_series(series, n=6, skip=(3,))
         inputs.append(str(series))
         expected["dicom_gap"] = "missing"
     result = build(BuildConfig(inputs=inputs, shard_size="50MB"), out, workers=2, progress=False)
