@@ -143,11 +143,17 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------ reading
     def _raw(self, shard_ids, errors) -> Iterator[dict]:
+        empty_streak = 0  # shards in a row that gave nothing: stop instead of spinning forever
         for sid in shard_ids:
-            for i, raw in enumerate(iter_tar(self.shards[sid][0], errors.add)):
-                raw["__ordinal__"] = i
+            n = 0
+            for n, raw in enumerate(iter_tar(self.shards[sid][0], errors.add), start=1):
+                raw["__ordinal__"] = n - 1
                 raw["__shard__"] = sid
                 yield raw
+            empty_streak = 0 if n else empty_streak + 1
+            if empty_streak > len(self.shards):
+                raise RuntimeError(f"no readable sample in any of the {len(self.shards)} shards; "
+                                   f"last error: {errors.messages[-1] if errors.messages else '?'}")
 
     def _decode(self, raw: dict, errors) -> tuple | None:
         try:
