@@ -10,8 +10,8 @@ What it does, in one run on one machine:
    files: LoadImaged → EnsureChannelFirstd → Orientationd(RAS) → Spacingd(1.5) →
    ScaleIntensityRanged(-175..250 → 0..1) → RandSpatialCropSamplesd(96³, 4 per volume),
    through a torch DataLoader with the same workers and batch;
-5. prints a table (crops/s, crops/s per worker, MB/s of shard bytes read, peak RSS of the loader
-   processes) and the ratio shards : MONAI per worker. Paste it into BENCHMARKS.md.
+5. prints a table (crops/s, crops per CPU-second of the main process and its workers — the per-core
+   figure —, MB/s of source bytes read, peak PSS/RSS of the loader processes) and the ratios. Paste it into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ K = 4
 BATCH = 4
 
 
-class PeakRSS:
-    """Samples the RSS of this process and its children (DataLoader workers) every 50 ms."""
+class PeakMemory:
+    """Samples the memory of this process and its children (DataLoader workers) every 100 ms.
+
+    ``peak`` sums PSS (proportional set size: shared pages such as torch's libraries count once
+    across processes, not once per worker); ``peak_rss`` sums plain RSS, which double-counts them.
+    """
 
     def __init__(self):
-        self.peak = 0
+        self.peak = self.peak_rss = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -49,11 +53,12 @@ class PeakRSS:
         me = psutil.Process()
         while not self._stop.is_set():
             try:
-                procs = [me, *me.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                infos = [p.memory_full_info() for p in (me, *me.children(recursive=True))]
+                self.peak = max(self.peak, sum(i.pss for i in infos))
+                self.peak_rss = max(self.peak_rss, sum(i.rss for i in infos))
             except psutil.Error:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def __enter__(self):
         self._t.start()
@@ -64,18 +69,32 @@ class PeakRSS:
         self._t.join()
 
 
-def time_loader(make_iter, n_crops: int) -> tuple[float, int]:
-    """crops/s after the first batch (worker start-up excluded), and peak RSS in bytes."""
-    with PeakRSS() as rss:
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads), its live children (DataLoader workers) and
+    its children that have exited and been reaped (workers of a finished DataLoader)."""
+    t = os.times()
+    total = t.children_user + t.children_system
+    for p in (psutil.Process(), *psutil.Process().children(recursive=True)):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def time_loader(make_iter, n_crops: int) -> dict:
+    """crops/s and crops per CPU-second after the first batch (worker start-up excluded), peak memory."""
+    with PeakMemory() as mem:
         it = make_iter()
         first = next(it)
-        got, t0 = 0, time.perf_counter()
+        got, t0, c0 = 0, time.perf_counter(), cpu_seconds()
         while got < n_crops:
             batch = next(it)
             got += batch["image"].shape[0] if isinstance(batch, dict) else len(batch)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         del it, first
-    return got / dt, rss.peak
+    return {"crops_s": got / dt, "crops_cpu_s": got / cpu, "pss_mb": mem.peak / 1e6, "rss_mb": mem.peak_rss / 1e6}
 
 
 def monai_iter(files: list[str], workers: int):
@@ -92,14 +111,15 @@ def monai_iter(files: list[str], workers: int):
         T.RandSpatialCropSamplesd(keys="image", roi_size=CROP, num_samples=K, random_size=False),
     ])
 
-    def forever():
-        while True:
-            ds = Dataset([{"image": f} for f in files], transform=tf)
-            # each item is a list of K crops; batch 1 volume = K crops = the batch of 4
-            dl = DataLoader(ds, batch_size=BATCH // K, shuffle=True, num_workers=workers)
-            yield from dl
+    # one long-lived DataLoader (the file list repeated), so worker start-up is not timed;
+    # each item is a list of K crops, so one volume per batch gives the same batch of 4 crops
+    ds = Dataset([{"image": f} for f in files] * 100, transform=tf)
+    return iter(DataLoader(ds, batch_size=BATCH // K, shuffle=True, num_workers=workers))
 
-    return forever()
+
+def _row(name: str, workers: int, r: dict) -> list:
+    return [name, workers, f"{r['crops_s']:.1f}", f"{r['crops_cpu_s']:.1f}", f"{r['mb_s']:.0f}",
+            f"{r['pss_mb']:.0f}", f"{r['rss_mb']:.0f}"]
 
 
 def main(argv=None) -> int:
@@ -140,17 +160,17 @@ def main(argv=None) -> int:
         for w in args.workers:
             loader = lambda: iter(shards.stream(d, crop_size=CROP, crops_per_volume=K, batch_size=BATCH,
                                                 num_workers=w, flip_prob=0.5, rank=0, world_size=1))
-            cps, peak = time_loader(loader, args.crops)
+            r = time_loader(loader, args.crops)
             # shard bytes read per second: each volume is read once per K crops
-            mbps = cps / K * index["bytes"] / index["samples"] / 1e6
-            results[codec][f"w{w}"] = {"crops_s": cps, "peak_rss_mb": peak / 1e6, "mb_s": mbps}
-            rows.append([f"shards ({codec})", w, f"{cps:.1f}", f"{cps / w:.1f}", f"{mbps:.0f}", f"{peak / 1e6:.0f}"])
+            r["mb_s"] = r["crops_s"] / K * index["bytes"] / index["samples"] / 1e6
+            results[codec][f"w{w}"] = r
+            rows.append(_row(f"shards ({codec})", w, r))
             print(rows[-1], flush=True)
     for w in args.workers:
-        cps, peak = time_loader(lambda: monai_iter(files, w), args.monai_crops)
-        mbps = cps / K * nii_bytes / len(files) / 1e6
-        results[f"monai_w{w}"] = {"crops_s": cps, "peak_rss_mb": peak / 1e6, "mb_s": mbps}
-        rows.append(["MONAI .nii.gz", w, f"{cps:.1f}", f"{cps / w:.1f}", f"{mbps:.1f}", f"{peak / 1e6:.0f}"])
+        r = time_loader(lambda: monai_iter(files, w), args.monai_crops)
+        r["mb_s"] = r["crops_s"] / K * nii_bytes / len(files) / 1e6
+        results[f"monai_w{w}"] = r
+        rows.append(_row("MONAI .nii.gz", w, r))
         print(rows[-1], flush=True)
 
     from shards.verify import table
@@ -162,11 +182,12 @@ def main(argv=None) -> int:
     print(table(["codec", "shard MB", "decode ms/volume (median)"],
                 [[c, f"{results[c]['bytes'] / 1e6:.1f}", f"{results[c]['decode_ms']:.1f}"] for c in args.codecs]))
     print()
-    print(table(["loader", "workers", "crops/s", "crops/s/worker", "MB/s read", "peak RSS MB"], rows, right={1, 2, 3, 4, 5}))
+    print(table(["loader", "workers", "crops/s", "crops/CPU-s", "MB/s read", "peak PSS MB", "peak RSS MB"], rows))
     best = max(args.codecs, key=lambda c: results[c][f"w{args.workers[0]}"]["crops_s"])
     for w in args.workers:
-        ratio = results[best][f"w{w}"]["crops_s"] / results[f"monai_w{w}"]["crops_s"]
-        print(f"ratio shards ({best}) : MONAI with {w} worker(s) = {ratio:.1f}x")
+        a, b = results[best][f"w{w}"], results[f"monai_w{w}"]
+        print(f"shards ({best}) : MONAI with {w} worker(s): {a['crops_s'] / b['crops_s']:.1f}x crops/s, "
+              f"{a['crops_cpu_s'] / b['crops_cpu_s']:.1f}x crops per CPU-second")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

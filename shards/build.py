@@ -199,7 +199,6 @@ def build(
     config: BuildConfig,
     out: str | Path,
     workers: int | None = None,
-    strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     log=print,
@@ -386,7 +385,7 @@ def main(args) -> int:
         labels=not args.no_labels,
     )
     try:
-        result = build(cfg, args.out, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
+        result = build(cfg, args.out, workers=args.workers, overwrite=args.overwrite,
                        progress=not args.quiet)
     except (ValueError, FileNotFoundError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -36,13 +36,11 @@ class Window:
 
     def apply(self, x: np.ndarray, meta: dict) -> np.ndarray:
         lo, hi = self.bounds(meta)
-        y = x.astype(np.float32)
-        if self.clip:
-            np.clip(y, lo, hi, out=y)
         scale = (self.out[1] - self.out[0]) / (hi - lo)
-        y -= lo
-        y *= scale
-        y += self.out[0]
+        y = np.multiply(x, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
+        y += np.float32(self.out[0] - lo * scale)
+        if self.clip:
+            np.clip(y, min(self.out), max(self.out), out=y)
         return y
 
 

@@ -300,12 +300,14 @@ def _collate(samples: list[dict]) -> dict:
                    "_messages": last["_messages"]}
     if not real:
         return batch
-    batch["image"] = torch.stack([s["image"] for s in real])
+    # default_collate stacks straight into shared memory inside a worker: no extra copy on the way out
+    stack = torch.utils.data.default_collate
+    batch["image"] = stack([s["image"] for s in real])
     if all("label" in s for s in real):
-        batch["label"] = torch.stack([s["label"] for s in real])
+        batch["label"] = stack([s["label"] for s in real])
     batch["key"] = [s["key"] for s in real]
-    batch["origin"] = torch.stack([s["origin"] for s in real])
-    batch["flip"] = torch.stack([s["flip"] for s in real])
+    batch["origin"] = stack([s["origin"] for s in real])
+    batch["flip"] = stack([s["flip"] for s in real])
     batch["rot90"] = torch.tensor([s["rot90"] for s in real])
     batch["_cursor"] = max((s["_epoch"], s["_ordinal"]) for s in real)
     return batch
@@ -365,6 +367,8 @@ class ShardLoader:
 
     def __iter__(self):
         cfg = self.cfg
+        if cfg.mode == "train":  # a new iteration continues where the last one stopped
+            self.dataset.cursors = {w: {"epoch": e, "next": o + 1} for w, (e, o) in self._cursors.items()}
         dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,

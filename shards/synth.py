@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -67,7 +68,7 @@ _TISSUES = {
     "table":    (0, -250, 50, 5, 0, 0),
 }
 TISSUES = tuple(_TISSUES)  # index in the tissue map -> name
-T = {name: np.uint8(i) for i, name in enumerate(TISSUES)}
+_T = {name: np.uint8(i) for i, name in enumerate(TISSUES)}
 _TAB = np.array(list(_TISSUES.values()), dtype=np.float32)  # [n_tissues, 6]
 LABEL_OF_TISSUE = _TAB[:, 0].astype(np.uint8)  # [n_tissues]
 
@@ -87,28 +88,25 @@ class _Field:
             ws.append((w / np.linalg.norm(w, axis=1, keepdims=True)).astype(np.float32))  # unit variance
         (n0, g0), (n1, g1), (_, g2) = (w.shape for w in ws)
         lattice = rng.standard_normal((g2, g1, g0), dtype=np.float32)  # [gz, gy, gx]
-        h = np.matmul(ws[1], lattice @ ws[0].T)  # [gz, ny, nx]
+        # einsum, not matmul: numpy's own single-threaded loops give the same bits for any BLAS thread count
+        h = np.einsum("yb,zbx->zyx", ws[1], np.einsum("zba,xa->zbx", lattice, ws[0]))  # [gz, ny, nx]
         self.h, self.wz, self.shape = h.reshape(g2, n1 * n0), ws[2], (n0, n1)
 
     def __call__(self, ks: slice) -> np.ndarray:
         wz = self.wz[ks]  # [nk, gz]
         used = np.nonzero(wz.any(axis=0))[0]
         g = slice(used[0], used[-1] + 1)
-        return (wz[:, g] @ self.h[g]).reshape(len(wz), self.shape[1], self.shape[0]).T  # [nx, ny, nk]
+        return np.einsum("kg,gn->kn", wz[:, g], self.h[g]).reshape(len(wz), *self.shape[::-1]).T  # [nx, ny, nk]
 
 
 def _window(coords, lo, hi) -> slice:
     return slice(*np.searchsorted(coords, [lo, hi]))
 
 
-def _ellipse(sl, x, y, cx, cy, rx, ry, value, only=None) -> None:
-    """Paint an axis-aligned ellipse into the 2D slice ``sl`` [nx, ny] (only over tissues ``only``)."""
+def _ellipse(sl, x, y, cx, cy, rx, ry, value) -> None:
+    """Paint an axis-aligned ellipse into the 2D slice ``sl`` [nx, ny], touching only its bounding box."""
     i, j = _window(x, cx - rx, cx + rx), _window(y, cy - ry, cy + ry)
-    m = ((x[i, None] - cx) / rx) ** 2 + ((y[None, j] - cy) / ry) ** 2 < 1  # [wx, wy]
-    win = sl[i, j]
-    if only is not None:
-        m &= np.isin(win, only)
-    win[m] = value
+    sl[i, j][((x[i, None] - cx) / rx) ** 2 + ((y[None, j] - cy) / ry) ** 2 < 1] = value  # [wx, wy] mask
 
 
 def _organ(t, x, y, z, rng, centre, semi, angle, value, only, inner=None) -> None:
@@ -117,9 +115,11 @@ def _organ(t, x, y, z, rng, centre, semi, angle, value, only, inner=None) -> Non
     paints the core (normalised radius^2 < f) with another tissue (renal medulla)."""
     taper, lobe = rng.uniform(-0.3, 0.3, 2), rng.uniform(0.03, 0.1)
     phase, freq = rng.uniform(0, 2 * np.pi, 3), rng.uniform(2, 4, 3)
-    r = 1.6 * max(semi[0], semi[1])  # room for rotation, taper and lobulation
-    i, j = _window(x, centre[0] - r, centre[0] + r), _window(y, centre[1] - r, centre[1] + r)
-    k = _window(z, centre[2] - 1.6 * semi[2], centre[2] + 1.6 * semi[2])
+    # Bounding box: a taper stretches y and z by up to 1/0.7, lobulation radii by up to 1/sqrt(0.9).
+    c, sn = abs(np.cos(angle)), abs(np.sin(angle))
+    rx, ry = 1.1 * c * semi[0] + 1.55 * sn * semi[1], 1.1 * sn * semi[0] + 1.55 * c * semi[1]
+    i, j = _window(x, centre[0] - rx, centre[0] + rx), _window(y, centre[1] - ry, centre[1] + ry)
+    k = _window(z, centre[2] - 1.55 * semi[2], centre[2] + 1.55 * semi[2])
     if not (i.stop > i.start and j.stop > j.start and k.stop > k.start):
         return
     dx, dy = x[i, None] - centre[0], y[None, j] - centre[1]  # [wx, 1], [1, wy]
@@ -190,44 +190,44 @@ def _anatomy(rng, fov_scale: float):
         yb = cy0 - post * b * r_fat  # inner edge of the posterior fat
         for side in (-1, 1):  # paraspinal muscles fill the space behind the vertebra
             _ellipse(sl, x, y, cx + side * 1.6 * r_v, (yb + ys - r_v) / 2, 1.1 * r_v,
-                     max((ys - r_v - yb) / 2, 0.8 * r_v) + 2 * s, T["muscle"])
+                     max((ys - r_v - yb) / 2, 0.8 * r_v) + 2 * s, _T["muscle"])
         bone = ((z[kk] - z0) % period) / period >= disc
-        _ellipse(sl, x, y, cx, ys - r_v * 1.25, 0.35 * r_v, 0.35 * r_v, T["csf"])  # spinal canal
+        _ellipse(sl, x, y, cx, ys - r_v * 1.25, 0.35 * r_v, 0.35 * r_v, _T["csf"])  # spinal canal
         if bone:
-            _ellipse(sl, x, y, cx, ys - r_v * 2.1, 0.22 * r_v, 0.55 * r_v, T["arch"])  # spinous process
-            _ellipse(sl, x, y, cx, ys, r_v, 0.85 * r_v, T["cortex"])
-            _ellipse(sl, x, y, cx, ys, r_v - rim, 0.85 * r_v - rim, T["marrow"])
+            _ellipse(sl, x, y, cx, ys - r_v * 2.1, 0.22 * r_v, 0.55 * r_v, _T["arch"])  # spinous process
+            _ellipse(sl, x, y, cx, ys, r_v, 0.85 * r_v, _T["cortex"])
+            _ellipse(sl, x, y, cx, ys, r_v - rim, 0.85 * r_v - rim, _T["marrow"])
         else:
-            _ellipse(sl, x, y, cx, ys, r_v, 0.85 * r_v, T["disc"])
-        _ellipse(sl, x, y, cx + x_a + 0.03 * A * u, ys + 0.85 * r_v + r_a + 2 * s, r_a, r_a, T["aorta"])
+            _ellipse(sl, x, y, cx, ys, r_v, 0.85 * r_v, _T["disc"])
+        _ellipse(sl, x, y, cx + x_a + 0.03 * A * u, ys + 0.85 * r_v + r_a + 2 * s, r_a, r_a, _T["aorta"])
         if u > u_d - 0.5 * (1 + u_d):  # ribs: oblique (lower in front), in the lateral muscle wall
             ribs = ((z[kk] + rib_slope * dy[None, :] - z0) % rib_p < rib_w) & rib_ok & (q > rib_in) & (q < rib_out)
-            sl[ribs] = T["rib"]
+            sl[ribs] = _T["rib"]
 
     # The couch under the patient, across most of the field of view.
     y_tab = cy0 - post * B * (1 + abs(gb[0]) + abs(gb[1])) - rng.uniform(3, 15) * s
     rows = _window(y, y_tab - 10 * s, y_tab)
-    t[_window(x, -0.45 * fov_xy, 0.45 * fov_xy), rows, :] = T["table"]
+    t[_window(x, -0.45 * fov_xy, 0.45 * fov_xy), rows, :] = _T["table"]
 
     # Organs in world mm; the abdomen spans u in [-1, u_d], length labd (in units of hz).
-    labd, cav = 1 + u_d, [T["bowel"]]
+    labd, cav = 1 + u_d, [_T["bowel"]]
     ub = u_d - rng.uniform(0.02, 0.08)  # lung base
     for side in (1, -1):
         semi_u = (1 - ub) * 1.4
         _organ(t, x, y, z, rng, (side * 0.47 * A + cx0, cy0 - 0.05 * B, (ub + semi_u) * hz),
-               (0.36 * A, 0.8 * B, semi_u * hz), rng.uniform(-0.1, 0.1), T["lung"], cav)
+               (0.36 * A, 0.8 * B, semi_u * hz), rng.uniform(-0.1, 0.1), _T["lung"], cav)
     hu = u_d + 0.35 * (1 - u_d)
     _organ(t, x, y, z, rng, (cx0 - 0.12 * A, cy0 + 0.3 * B, hu * hz), (0.33 * A, 0.42 * B, 0.4 * (1 - u_d) * hz),
-           rng.uniform(-0.4, 0.0), T["heart"], [T["bowel"], T["lung"]])
+           rng.uniform(-0.4, 0.0), _T["heart"], [_T["bowel"], _T["lung"]])
     sl_u = 0.36 * labd * rng.uniform(0.9, 1.1)  # liver: right upper quadrant, dome under the right lung
     _organ(t, x, y, z, rng, (cx0 + 0.38 * A, cy0 + 0.08 * B, (u_d + 0.06 - sl_u) * hz),
-           (0.5 * A, 0.62 * B, sl_u * hz), rng.uniform(-0.2, 0.2), T["liver"], [T["bowel"], T["lung"]])
+           (0.5 * A, 0.62 * B, sl_u * hz), rng.uniform(-0.2, 0.2), _T["liver"], [_T["bowel"], _T["lung"]])
     _organ(t, x, y, z, rng, (cx0 - 0.55 * A, cy0 - 0.25 * B, (u_d - 0.2 * labd) * hz),
-           (0.14 * A, 0.32 * B, 0.16 * labd * hz), rng.uniform(-0.9, -0.4), T["spleen"], [T["bowel"], T["lung"]])
+           (0.14 * A, 0.32 * B, 0.16 * labd * hz), rng.uniform(-0.9, -0.4), _T["spleen"], [_T["bowel"], _T["lung"]])
     for side, level in ((1, 0.62), (-1, 0.55)):  # the right kidney sits lower, under the liver
         _organ(t, x, y, z, rng, (cx0 + side * (r_v + 0.22 * A), y_s + 0.1 * B, (u_d - level * labd) * hz),
-               (0.12 * A, 0.17 * A, 0.2 * labd * hz), side * rng.uniform(0.2, 0.6), T["kcortex"], cav,
-               inner=(0.35, T["kmedulla"]))
+               (0.12 * A, 0.17 * A, 0.2 * labd * hz), side * rng.uniform(0.2, 0.6), _T["kcortex"], cav,
+               inner=(0.35, _T["kmedulla"]))
     return t, (x, y, z), (float(sxy), float(sxy), float(sz)), u_d
 
 
@@ -235,26 +235,25 @@ def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float =
     """One phantom subject, in memory. Returns a dict with ``image`` (stored orientation; CT int16 HU,
     MR float32), ``label`` (uint8, same shape), ``affine`` (4x4), ``axcodes``, ``spacing`` (per stored
     axis, mm) and ``tissue`` (uint8 indices into ``TISSUES``, same shape; what every voxel is made of)."""
-    modality = _modality(modality)
-    if int(seed) != seed or seed < 0 or int(index) != index or index < 0:
-        raise ValueError(f"seed={seed!r}, index={index!r}: both must be non-negative integers")
+    modality = _check(modality, fov_scale, seed=seed, index=index)
     rng = np.random.default_rng([seed, index, MODALITIES[modality], round(fov_scale * 1000)])
     t, (x, y, z), spacing, u_d = _anatomy(rng, fov_scale)
     hz = max(abs(z[0]), 1e-3)
 
     # Random fields, drawn before the slab loop so that every draw happens in a fixed order.
     tex = _Field(rng, (x, y, z), 18 * fov_scale)  # bowel/fat pattern and organ texture
-    ves = [_Field(rng, (x, y, z), 10 * fov_scale) for _ in range(2)]  # lung vessels
+    ves = [_Field(rng, (x, y, z), 8 * fov_scale) for _ in range(2)]  # lung vessels
     low = _Field(rng, (x, y, z), 90 * fov_scale)  # smooth intensity drift / MR bias field
     ct = modality == "CT"
     col = 1 if ct else 4
     jitter = _TAB[:, 2] if ct else 0.08 * _TAB[:, 4]
     base = (_TAB[:, col] + rng.uniform(-1, 1, len(TISSUES)) * jitter).astype(np.float32)  # [n_tissues]
     amp = _TAB[:, 3 if ct else 5].astype(np.float32)  # texture amplitude per tissue
-    fat_thr, drift, sigma = rng.uniform(-0.9, -0.2), rng.uniform(4, 20) if ct else rng.uniform(0.08, 0.15), \
-        rng.uniform(10, 25) if ct else rng.uniform(8, 20)
-    psf = np.array([0.15, 0.7, 0.15], dtype=np.float32)  # in-plane blur: softens voxelised edges like a kernel
-    lut = np.array([T["vfat"], T["bowel"], T["gas"]], dtype=np.uint8)
+    fat_thr = rng.uniform(-0.9, -0.2)  # visceral fat fraction of the cavity
+    drift = rng.uniform(3, 8) if ct else rng.uniform(0.08, 0.15)  # HU per std (CT), bias per std (MR)
+    sigma = rng.uniform(10, 25) if ct else rng.uniform(8, 20)  # noise
+    psf = np.array([0.1, 0.8, 0.1], dtype=np.float32)  # in-plane blur: softens voxelised edges like a kernel
+    lut = np.array([_T["vfat"], _T["bowel"], _T["gas"]], dtype=np.uint8)
 
     img = np.empty(t.shape, dtype=np.int16 if ct else np.float32, order="F")  # [nx, ny, nz]
     step = max(1, (1 << 19) // (t.shape[0] * t.shape[1]))  # slices per slab (~2 MB of float32)
@@ -265,12 +264,12 @@ def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float =
         # Cavity: bowel loops, visceral fat between them, gas pockets; above the diaphragm, mediastinal fat.
         kind = (g > fat_thr).view(np.uint8) + (g > 1.7).view(np.uint8)
         kind[:, :, z[ks] / hz > u_d] = 0
-        np.copyto(tk, lut[kind], where=tk == T["bowel"])
-        lung = tk == T["lung"]
+        np.copyto(tk, lut[kind], where=tk == _T["bowel"])
+        lung = tk == _T["lung"]
         if lung.any():  # vessels where two independent smooth fields both cross zero: branching tubes
-            lung &= np.abs(ves[0](ks)) < 0.22
-            lung &= np.abs(ves[1](ks)) < 0.22
-            tk[lung] = T["lvessel"]
+            lung &= np.abs(ves[0](ks)) < 0.27
+            lung &= np.abs(ves[1](ks)) < 0.27
+            tk[lung] = _T["lvessel"]
         v = base[tk]  # [nx, ny, nk] float32, Fortran order kept by fancy indexing
         v += amp[tk] * g
         for axis in (0, 1):
@@ -298,10 +297,16 @@ def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float =
     return {**out, "affine": affine, "axcodes": codes, "spacing": tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))}
 
 
-def _modality(modality: str) -> str:
+def _check(modality: str, fov_scale: float, **counts) -> str:
+    """Validate arguments with a message that says how to fix them; returns the modality as CT or MR."""
     m = {"CT": "CT", "MR": "MR", "MRI": "MR"}.get(str(modality).upper())
     if m is None:
         raise ValueError(f"modality {modality!r} is not supported: use 'CT' or 'MR'")
+    if not 0.2 <= fov_scale <= 2.0:
+        raise ValueError(f"fov_scale={fov_scale}: use 0.2..2.0 (0.3-0.5 for tests, 1.0 for adult-sized volumes)")
+    for name, v in counts.items():
+        if isinstance(v, bool) or int(v) != v or v < (1 if name == "n" else 0):
+            raise ValueError(f"{name}={v!r}: must be a {'positive' if name == 'n' else 'non-negative'} integer")
     return m
 
 
@@ -334,14 +339,10 @@ def synth_dataset(out: str | Path, n: int, seed: int = 0, modality: str = "CT", 
     ``fov_scale`` shrinks (or grows) the field of view and the anatomy with it; voxel spacing keeps its
     range (0.6-1.0 mm in-plane, 1.5-5 mm slices), so small scales give small volumes for tests.
     Stale ``<prefix>_NNN`` cases from an earlier, larger ``n`` in ``out`` are removed."""
-    modality = _modality(modality)
-    if int(n) != n or n < 1:
-        raise ValueError(f"n={n!r}: the number of subjects must be a positive integer")
-    if not 0.2 <= fov_scale <= 2.0:
-        raise ValueError(f"fov_scale={fov_scale}: use 0.2..2.0 (0.3-0.5 for tests, 1.0 for adult-sized volumes)")
-    out, prefix = Path(out), PREFIX[modality]
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    modality = _check(modality, fov_scale, n=n, seed=seed)
+    n, out, prefix = int(n), Path(out), PREFIX[modality]
+    for sub in ("imagesTr", "labelsTr"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     own = re.compile(rf"^{prefix}_(\d+)(_0000)?\.nii\.gz(\.part)?$")
     for f in [*(out / "imagesTr").iterdir(), *(out / "labelsTr").iterdir()]:
         m = own.match(f.name)
@@ -356,26 +357,23 @@ def synth_dataset(out: str | Path, n: int, seed: int = 0, modality: str = "CT", 
         _write(out / "imagesTr" / f"{case}_0000.nii.gz", _nifti_gz(v["image"], v["affine"], tag))
         _write(out / "labelsTr" / f"{case}.nii.gz", _nifti_gz(v["label"], v["affine"], tag))
 
-    desc = {
-        "name": f"Phantom{modality}",
-        "description": (f"Synthetic {'contrast-enhanced CT' if modality == 'CT' else 'T1-like MRI'} torso phantom "
-                        f"generated by medssl shards.synth (seed={seed}, fov_scale={fov_scale}); not patient data. "
-                        "Regenerate with: python -m shards synth --out DIR "
-                        f"--n {n} --seed {seed} --modality {modality} --fov-scale {fov_scale}"),
-        "reference": "medssl shards/synth.py",
-        "licence": "CC0-1.0",
-        "channel_names": {"0": modality},
-        "labels": dict(LABELS),
-        "numTraining": n,
-        "file_ending": ".nii.gz",
-        "seed": seed,
-    }
+    kind = "contrast-enhanced CT" if modality == "CT" else "T1-like MRI"
+    desc = {"name": f"Phantom{modality}",
+            "description": f"Synthetic {kind} torso phantom generated by medssl shards.synth (seed={seed}, "
+                           f"fov_scale={fov_scale}); not patient data. Regenerate with: python -m shards synth "
+                           f"--out DIR --n {n} --seed {seed} --modality {modality} --fov-scale {fov_scale}",
+            "reference": "medssl shards/synth.py", "licence": "CC0-1.0", "channel_names": {"0": modality},
+            "labels": dict(LABELS), "numTraining": n, "file_ending": ".nii.gz", "seed": seed}
     (out / "dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
     return desc
 
 
 def _run_cli(args) -> int:
-    desc = synth_dataset(args.out, args.n, args.seed, args.modality, args.fov_scale, progress=True)
+    try:
+        desc = synth_dataset(args.out, args.n, args.seed, args.modality, args.fov_scale, progress=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     files = sorted((Path(args.out) / "imagesTr").glob(f"{PREFIX[desc['channel_names']['0']]}_*_0000.nii.gz"))
     hdrs = [nib.load(str(f)) for f in files]  # headers only: nibabel reads voxels lazily
     sp = np.array([sorted(h.header.get_zooms()[:3]) for h in hdrs])  # [n, 3]: in-plane, in-plane, slice
