@@ -83,8 +83,13 @@ def cpu_seconds() -> float:
     return total
 
 
-def time_loader(make_iter, n_crops: int) -> dict:
-    """crops/s and crops per CPU-second after the first batch (worker start-up excluded), peak memory."""
+def time_loader(make_iter, n_crops: int, repeat: int = 1) -> dict:
+    """Median over ``repeat`` runs of crops/s and crops per CPU-second (worker start-up excluded), peak memory."""
+    runs = [_time_once(make_iter, n_crops) for _ in range(repeat)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def _time_once(make_iter, n_crops: int) -> dict:
     with PeakMemory() as mem:
         it = make_iter()
         first = next(it)
@@ -126,8 +131,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8, help="phantoms (default 8)")
     ap.add_argument("--crops", type=int, default=160, help="crops timed per shard configuration (default 160)")
-    ap.add_argument("--monai-crops", type=int, default=48, help="crops timed per MONAI configuration (default 48)")
+    ap.add_argument("--monai-crops", type=int, default=32, help="crops timed per MONAI configuration (default 48)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; medians reported (default 3)")
     ap.add_argument("--codecs", nargs="+", default=["npy", "zstd", "blosc2"])
     ap.add_argument("--out", default=".bench/loader")
     args = ap.parse_args(argv)
@@ -160,14 +166,14 @@ def main(argv=None) -> int:
         for w in args.workers:
             loader = lambda: iter(shards.stream(d, crop_size=CROP, crops_per_volume=K, batch_size=BATCH,
                                                 num_workers=w, flip_prob=0.5, rank=0, world_size=1))
-            r = time_loader(loader, args.crops)
+            r = time_loader(loader, args.crops, args.repeat)
             # shard bytes read per second: each volume is read once per K crops
             r["mb_s"] = r["crops_s"] / K * index["bytes"] / index["samples"] / 1e6
             results[codec][f"w{w}"] = r
             rows.append(_row(f"shards ({codec})", w, r))
             print(rows[-1], flush=True)
     for w in args.workers:
-        r = time_loader(lambda: monai_iter(files, w), args.monai_crops)
+        r = time_loader(lambda: monai_iter(files, w), args.monai_crops, args.repeat)
         r["mb_s"] = r["crops_s"] / K * nii_bytes / len(files) / 1e6
         results[f"monai_w{w}"] = r
         rows.append(_row("MONAI .nii.gz", w, r))

@@ -30,7 +30,8 @@ a CSV list with a header 'path,modality[,label]', a folder of NIfTI files, a fol
     p.add_argument("--spacing", default="1.5",
                    help="target voxel spacing in mm: one value (isotropic), 'x,y,z', or 'native' (default 1.5)")
     p.add_argument("--codec", default=DEFAULT_CODEC, choices=CODECS,
-                   help=f"voxel payload: npy (fastest to read), zstd or blosc2 (smaller) (default {DEFAULT_CODEC})")
+                   help=f"voxel payload: blosc2 (smallest, fastest to train, see BENCHMARKS.md), npy (raw) or zstd "
+                        f"(default {DEFAULT_CODEC})")
     p.add_argument("--shard-size", default="512MB", help="target shard size, e.g. 256MB, 1GB (default 512MB)")
     p.add_argument("--crop-body", action="store_true", help="crop each volume to the body's bounding box")
     p.add_argument("--modality", default="CT", choices=["CT", "MR"],

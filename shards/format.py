@@ -82,11 +82,13 @@ def encode_array(arr: np.ndarray, codec: str) -> bytes:
     if codec == "zstd":
         import zstandard
 
-        return zstandard.ZstdCompressor(level=3, threads=-1).compress(encode_array(arr, "npy"))
+        return zstandard.ZstdCompressor(level=3).compress(encode_array(arr, "npy"))
     if codec == "blosc2":
         import blosc2
 
-        cparams = {"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE]}
+        # one thread: with several, blosc2's frames differ from run to run (same array, other bytes),
+        # which would break byte-identical shards and resumable builds; builds parallelise by process
+        cparams = {"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1}
         return blosc2.pack_array2(np.ascontiguousarray(arr), cparams=cparams)
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 

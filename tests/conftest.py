@@ -26,7 +26,7 @@ def built(phantoms, tmp_path_factory):
     from shards.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("shards")
-    build(BuildConfig(inputs=[str(phantoms)], shard_size="1.5MB"), out, workers=2, progress=False)
+    build(BuildConfig(inputs=[str(phantoms)], shard_size="200k"), out, workers=2, progress=False)
     return out
 
 

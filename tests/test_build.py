@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from shards.build import BuildConfig, BuildInterrupted, build
 from shards.build import main as build_main
@@ -115,7 +116,7 @@ def test_exit_codes_follow_strict_and_empty(phantoms, tmp_path):
 
 
 def test_interrupted_build_resumes_without_redoing_shards(phantoms, tmp_path):
-    cfg = BuildConfig(inputs=[str(phantoms)], shard_size="1MB")
+    cfg = BuildConfig(inputs=[str(phantoms)], shard_size="200k")
     out = tmp_path / "resumed"
     with pytest.raises(BuildInterrupted):
         build(cfg, out, workers=2, progress=False, _stop_after_shards=2)
@@ -135,4 +136,38 @@ def test_interrupted_build_resumes_without_redoing_shards(phantoms, tmp_path):
     # a finished build is not redone; other settings are refused
     assert build(cfg, out, progress=False).resumed_from == len(load_index(out)["shards"])
     with pytest.raises(SystemExit, match="other settings"):
-        build(BuildConfig(inputs=[str(phantoms)], shard_size="1MB", spacing="2"), out, progress=False)
+        build(BuildConfig(inputs=[str(phantoms)], shard_size="200k", spacing="2"), out, progress=False)
+
+
+def test_body_crop_keeps_world_coordinates(phantoms, tmp_path):
+    from shards.preprocess import prepare_volume
+
+    image = sorted((phantoms / "imagesTr").glob("*.nii.gz"))[0]
+    full = prepare_volume([image], None, "CT")
+    crop = prepare_volume([image], None, "CT", crop_body=True)
+    box = crop.meta["body_crop"]
+    assert box is not None and np.prod(crop.image.shape) < np.prod(full.image.shape)
+    region = (slice(None), *(slice(a, b) for a, b in box))
+    np.testing.assert_array_equal(crop.image, full.image[region])
+    start = np.array([a for a, _ in box] + [1.0])
+    np.testing.assert_allclose(np.array(crop.meta["affine"])[:, 3], np.array(full.meta["affine"]) @ start, atol=1e-5)
+    outside = np.ones(full.image.shape[1:], bool)
+    outside[region[1:]] = False
+    assert (full.image[0][outside] < -500).all(), "nothing of the body lies outside the crop"
+
+
+def test_mri_is_stored_as_float16_and_normalised_per_volume(tmp_path):
+    from shards import stream
+    from shards.synth import synth_dataset
+
+    raw = tmp_path / "mr"
+    synth_dataset(raw, n=2, seed=1, modality="MR", fov_scale=0.3, progress=False)
+    out = tmp_path / "mr_shards"
+    build(BuildConfig(inputs=[str(raw)], codec="blosc2"), out, workers=1, progress=False)
+    assert load_index(out)["modalities"] == {"MR": 2}
+    assert not [p for r in verify(out, progress=False) for p in r.problems]
+    batches = list(stream(out, crop_size=(32, 32, 16), crops_per_volume=2, batch_size=2, num_workers=0,
+                          mode="eval", rank=0, world_size=1))
+    x = torch.cat([b["image"] for b in batches])
+    assert x.shape[0] == 4 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.5
+

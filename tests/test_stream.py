@@ -204,7 +204,7 @@ def test_a_damaged_member_mid_shard_is_skipped_and_counted(built, tmp_path):
     assert shard["samples"] >= 2
     path = damaged / shard["name"]
     with tarfile.open(path) as tf:
-        members = [m for m in tf.getmembers() if m.name.endswith(".npy") and ".seg." not in m.name]
+        members = [m for m in tf.getmembers() if ".npy" in m.name and ".seg." not in m.name]
     victim = members[len(members) // 2]
     blob = bytearray(path.read_bytes())
     for off in range(victim.offset_data + 200, victim.offset_data + 260):
