@@ -1,0 +1,1 @@
+"""medssl finetune: exports → segmentation networks, Dice against scratch (in progress)."""

@@ -1,0 +1,1 @@
+"""medssl recipes: one module + one YAML per pretraining method (in progress)."""

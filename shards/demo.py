@@ -25,7 +25,7 @@ def run(out: str | Path, n_ct: int = 8, n_mr: int = 2, fov_scale: float = 0.6, s
 
     print(f"[2/5] building shards (RAS, 1.5 mm, CT int16 HU / MRI float16) in {out / 'shards'}")
     cfg = BuildConfig(inputs=[str(out / "raw" / "Dataset900_PhantomCT"), str(out / "raw" / "Dataset901_PhantomMR")],
-                      shard_size="8MB")
+                      shard_size="2MB")
     result = build(cfg, out / "shards")
     print(summary(result))
 

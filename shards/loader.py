@@ -121,17 +121,21 @@ class ShardStream(torch.utils.data.IterableDataset):
     def worker_budget(self, worker: int, workers: int) -> int:
         return self.rank_budget // workers + (worker < self.rank_budget % workers)
 
-    def train_shards(self, epoch: int, worker: int, workers: int) -> Iterator[int]:
-        """Infinite shard indices of one (rank, worker) slot in ``epoch``: rank slice, then worker slice."""
+    def train_shards(self, epoch: int, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:
+        """Infinite ``(shard, stride, offset)`` of one (rank, worker) slot in ``epoch``: rank slice, then
+        worker slice of an epoch-seeded permutation, the same on every rank.
+
+        With fewer shards than slots, a round concatenates ``stride`` permutations so that every slot gets
+        a shard; the copies of one shard then split its samples (ordinal % stride == offset), so slots
+        sharing a shard still read disjoint samples within the round."""
         n, slots = len(self.shards), self.world * workers
-        per_round = math.ceil(slots / n)  # permutations per round, so that every slot gets a shard
+        stride = math.ceil(slots / n)
         rnd = 0
         while True:
-            seq = np.concatenate([
-                np.random.default_rng([self.cfg.seed, epoch, rnd * per_round + c, 7]).permutation(n)
-                for c in range(per_round)
-            ])
-            yield from seq[self.rank::self.world][worker::workers].tolist()
+            rng = np.random.default_rng([self.cfg.seed, epoch, rnd, 7])
+            shift = int(rng.integers(stride))  # which copy reads which samples changes every round
+            seq = [(int(sid), stride, (c + shift) % stride) for c in range(stride) for sid in rng.permutation(n)]
+            yield from seq[self.rank::self.world][worker::workers]
             rnd += 1
 
     def eval_range(self, worker: int, workers: int) -> tuple[int, int]:
@@ -142,11 +146,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         return r_lo + worker * n // workers, r_lo + (worker + 1) * n // workers
 
     # ------------------------------------------------------------------ reading
-    def _raw(self, shard_ids, errors) -> Iterator[dict]:
+    def _raw(self, parts, errors) -> Iterator[dict]:
+        """Raw samples of ``(shard, stride, offset)`` parts: the shard's samples with ordinal % stride == offset."""
         empty_streak = 0  # shards in a row that gave nothing: stop instead of spinning forever
-        for sid in shard_ids:
+        for sid, stride, offset in parts:
             n = 0
             for n, raw in enumerate(iter_tar(self.shards[sid][0], errors.add), start=1):
+                if (n - 1) % stride != offset:
+                    continue
                 raw["__ordinal__"] = n - 1
                 raw["__shard__"] = sid
                 yield raw
@@ -192,7 +199,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         start = 0
         for sid, (path, count) in enumerate(self.shards):
             if start + count > lo and start < hi:
-                for raw in self._raw([sid], errors):
+                for raw in self._raw([(sid, 1, 0)], errors):
                     g = start + raw["__ordinal__"]
                     if lo <= g < hi:
                         dec = self._decode(raw, errors)

@@ -156,10 +156,12 @@ def info(root: str | Path) -> str:
                      f"{np.mean([s['bytes'] for s in sub]) / 1e6:.2f}"])
     lines += [table(["modality", "volumes", "labelled", "MB", "MB/volume"], rows), ""]
     rows = []
-    for label, field_, fmt in (("stored spacing (mm)", "spacing", "{:.2f}"), ("stored size (voxels)", "shape", "{:.0f}"),
-                               ("source spacing (mm)", "original_spacing", "{:.2f}"),
-                               ("source size (voxels)", "original_shape", "{:.0f}")):
-        for ax, name in enumerate("xyz"):
+    # stored volumes are RAS (x, y, z); sources keep their own voxel axes (i, j, k)
+    for label, field_, fmt, names in (("stored spacing (mm)", "spacing", "{:.2f}", "xyz"),
+                                      ("stored size (voxels)", "shape", "{:.0f}", "xyz"),
+                                      ("source spacing (mm)", "original_spacing", "{:.2f}", "ijk"),
+                                      ("source size (voxels)", "original_shape", "{:.0f}", "ijk")):
+        for ax, name in enumerate(names):
             vals = [s[field_][ax + (1 if field_ == "shape" else 0)] for s in samples]
             rows.append([f"{label} {name}", *_dist(vals, fmt)])
     lines += [table(["", "min", "median", "max", "mean"], rows), ""]

@@ -171,3 +171,11 @@ def test_mri_is_stored_as_float16_and_normalised_per_volume(tmp_path):
     x = torch.cat([b["image"] for b in batches])
     assert x.shape[0] == 4 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.5
 
+
+
+def test_medssl_console_entry_dispatches_to_shards(built, capsys):
+    from pretrain.cli import medssl_main
+
+    assert medssl_main(["shards", "info", str(built)]) == 0
+    assert "stored spacing" in capsys.readouterr().out
+    assert medssl_main(["nonsense"]) == 2

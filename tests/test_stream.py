@@ -133,14 +133,28 @@ def test_training_is_balanced_across_ranks_and_workers(built):
 def test_training_epochs_cover_all_shards_and_reshuffle(built):
     n_shards = len(load_index(built)["shards"])
     ds = ShardStream([built], StreamConfig(crop_size=CROP), 0, 1)
-    e0 = list(itertools.islice(ds.train_shards(0, 0, 1), n_shards))
-    e1 = list(itertools.islice(ds.train_shards(1, 0, 1), n_shards))
-    assert sorted(e0) == sorted(e1) == list(range(n_shards))
-    other = ShardStream([built], StreamConfig(crop_size=CROP), 1, 2)
-    mine = ShardStream([built], StreamConfig(crop_size=CROP), 0, 2)
-    a = list(itertools.islice(mine.train_shards(0, 0, 1), n_shards // 2))
-    b = list(itertools.islice(other.train_shards(0, 0, 1), n_shards // 2))
-    assert not set(a) & set(b), "ranks read disjoint shards within a round"
+    e0 = [p[0] for p in itertools.islice(ds.train_shards(0, 0, 1), n_shards)]
+    e1 = [p[0] for p in itertools.islice(ds.train_shards(1, 0, 1), n_shards)]
+    assert sorted(e0) == sorted(e1) == list(range(n_shards)) and e0 != e1
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (3, 2), (4, 2)])
+def test_slots_read_disjoint_samples_within_a_round(built, world, workers):
+    """Within one round every (rank, worker) slot reads different samples, also when there are fewer
+    shards than slots (then the slots sharing a shard split its samples)."""
+    counts = [s["samples"] for s in load_index(built)["shards"]]
+    owner = {}
+    for rank in range(world):
+        ds = ShardStream([built], StreamConfig(crop_size=CROP, num_workers=workers), rank, world)
+        n_parts = -(-world * workers // len(counts)) * len(counts)  # a round: enough permutations for every slot
+        for w in range(workers):
+            per_slot = len(range(n_parts)[rank::world][w::workers])
+            for sid, stride, offset in itertools.islice(ds.train_shards(0, w, workers), per_slot):
+                for i in range(counts[sid]):
+                    if i % stride == offset:
+                        assert (sid, i) not in owner, f"sample {i} of shard {sid} read by two slots"
+                        owner[(sid, i)] = (rank, w)
+    assert len(owner) == sum(counts), "one round covers every sample"
 
 
 def test_training_stream_is_reproducible_and_resumable(built):
@@ -218,3 +232,28 @@ def test_a_damaged_member_mid_shard_is_skipped_and_counted(built, tmp_path):
     assert loader.errors == 1 and victim_key in loader.error_messages[0]
     # verify reports it too
     assert any("checksum" in p for r in verify(damaged, progress=False) for p in r.problems)
+
+
+def test_member_paths_from_a_tar_are_never_written(built, tmp_path):
+    """A hostile member name ('../escape.json') is read into memory like any member, never extracted;
+    the sample it forms has no voxels, so it is counted as damaged and skipped."""
+    import json
+    import tarfile
+
+    evil = tmp_path / "evil"
+    shutil.copytree(built, evil)
+    index = load_index(evil)
+    shard = evil / index["shards"][0]["name"]
+    payload = json.dumps({"shape": [1, 2, 2, 2]}).encode()
+    with tarfile.open(shard, "a") as tf:
+        info = tarfile.TarInfo("../escape.json")
+        info.size = len(payload)
+        import io
+
+        tf.addfile(info, io.BytesIO(payload))
+    loader = shards.stream(evil, crop_size=CROP, crops_per_volume=1, batch_size=1, num_workers=0, mode="eval",
+                           check=False, rank=0, world_size=1)
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == index["samples"]
+    assert not (tmp_path / "escape.json").exists() and not (evil.parent / "escape.json").exists()
+    assert loader.errors == 1 and "escape" in loader.error_messages[0]

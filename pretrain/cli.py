@@ -1,0 +1,30 @@
+"""The ``medssl`` console script: one entry point that dispatches to the package command lines.
+
+``medssl shards build …`` is ``python -m shards build …``. Under a launcher (torchrun, deepspeed)
+use the module form, which works everywhere: ``torchrun … -m pretrain …``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {"shards": "shards.__main__"}
+
+
+def medssl_main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        known = ", ".join(sorted(COMMANDS))
+        msg = f"usage: medssl COMMAND [ARGS...]   (commands: {known}; `medssl COMMAND --help` for each)"
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"medssl: unknown command {argv[0]!r}\n{msg}", file=sys.stderr)
+            return 2
+        print(msg)
+        return 0
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(medssl_main())
