@@ -323,7 +323,7 @@ def build(
 
     shards = [d["shard"] for d in done]
     infos = [s for d in done for s in d["samples"]]
-    for i, d in enumerate(done):
+    for d in done:
         for s in d["samples"]:
             s["shard"] = d["shard"]["name"]
     _rewrite_jsonl(out / "samples.jsonl", infos)

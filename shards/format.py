@@ -60,7 +60,8 @@ def normalise_modality(name: str) -> str:
 
 def make_key(*parts: str) -> str:
     """A webdataset-safe sample key from readable parts: letters, digits, ``_`` and ``-`` only."""
-    key = "_".join(re.sub(r"[^A-Za-z0-9_\-]+", "-", str(p)).strip("-") for p in parts if str(p))
+    cleaned = (re.sub(r"[^A-Za-z0-9_\-]+", "-", str(p)).strip("-") for p in parts)
+    key = "_".join(c for c in cleaned if c)
     key = re.sub(r"-{2,}", "-", key)
     if not key:
         raise ValueError(f"cannot make a sample key from {parts!r}")

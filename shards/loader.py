@@ -197,7 +197,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _eval_volumes(self, worker: int, workers: int, errors) -> Iterator[tuple]:
         lo, hi = self.eval_range(worker, workers)
         start = 0
-        for sid, (path, count) in enumerate(self.shards):
+        for sid, (_, count) in enumerate(self.shards):
             if start + count > lo and start < hi:
                 for raw in self._raw([(sid, 1, 0)], errors):
                     g = start + raw["__ordinal__"]
