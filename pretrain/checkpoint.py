@@ -1,0 +1,104 @@
+"""Resume checkpoints (kept apart from exports): DeepSpeed's own format plus our small JSON sidecars.
+
+Layout of a run dir::
+
+    checkpoints/step00001000/            DeepSpeed files (model states, ZeRO optimizer partitions)
+    checkpoints/step00001000/loader_rank{r}.json   each rank's stream cursor
+    checkpoints/step00001000/complete.json         written last, by rank 0, after every rank saved
+    checkpoints/latest                   DeepSpeed's pointer (text)
+
+Only tags with ``complete.json`` count. ``--resume auto`` tries them newest first and falls back to an
+older one (saying so) when a newer one is missing files or does not load on some rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from . import engine
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete tags, newest first."""
+    if not ckpt_dir.exists():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / "complete.json").exists()]
+    return sorted(tags, reverse=True)
+
+
+def param_digest(module: torch.nn.Module) -> str | None:
+    """sha256 over every parameter (name order, fp32 bytes): proves a resumed run holds the saved weights.
+    None under ZeRO-3, where a rank holds only its partition."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        if p.numel() == 0 or hasattr(p, "ds_id"):
+            return None
+        h.update(name.encode())
+        h.update(p.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(eng, ckpt_dir: Path, step: int, samples: int, loader_state: dict, rank: int, keep_last: int) -> None:
+    tag = tag_for(step)
+    eng.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "samples": samples})
+    (ckpt_dir / tag / f"loader_rank{rank}.json").write_text(json.dumps(loader_state))
+    engine.barrier()
+    if rank == 0:
+        record = {"step": step, "samples": samples, "param_digest": param_digest(eng.module)}
+        (ckpt_dir / tag / "complete.json").write_text(json.dumps(record))
+        for old in complete_tags(ckpt_dir)[keep_last:]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    engine.barrier()
+
+
+def _looks_whole(path: Path, world: int) -> str | None:
+    """Why a tag cannot be loaded, or None: the DeepSpeed files and every rank's cursor must exist."""
+    if not any(path.glob("*model_states.pt")):
+        return "no model states file"
+    missing = [r for r in range(world) if not (path / f"loader_rank{r}.json").exists()]
+    if missing:
+        return f"no stream cursor for rank(s) {missing} (saved with another world size?)"
+    return None
+
+
+def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print) -> tuple[int, int, dict | None]:
+    """Load the newest complete checkpoint that loads on every rank: returns (step, samples, loader state)."""
+    for tag in complete_tags(ckpt_dir):
+        path = ckpt_dir / tag
+        problem = _looks_whole(path, world)
+        ok = 0.0
+        if problem is None:
+            try:
+                _, client = eng.load_checkpoint(str(ckpt_dir), tag=tag)
+                if client is None:
+                    problem = "DeepSpeed could not load it"
+                else:
+                    ok = 1.0
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not end the run
+                problem = f"{type(exc).__name__}: {exc}"
+        # every rank must agree, or ranks would continue from different steps
+        if engine.all_reduce_max(0.0 if ok else 1.0) == 0.0:
+            state = json.loads((path / f"loader_rank{rank}.json").read_text())
+            saved = json.loads((path / "complete.json").read_text()).get("param_digest")
+            now = param_digest(eng.module) if rank == 0 else None
+            if rank == 0 and saved and now != saved:
+                print(f"warning: weights loaded from {path} differ from the ones saved", file=sys.stderr)
+            log(f"resumed from {path} (step {client['step']}, weights digest {'matches' if now == saved else 'n/a'})")
+            if rank == 0:
+                (ckpt_dir.parent / "resume.json").write_text(json.dumps(
+                    {"tag": tag, "step": int(client["step"]), "saved_digest": saved, "loaded_digest": now}))
+            return int(client["step"]), int(client.get("samples", 0)), state
+        if rank == 0:
+            print(f"warning: checkpoint {path} cannot be used ({problem or 'failed on another rank'}); "
+                  "falling back to an older one", file=sys.stderr, flush=True)
+    return 0, 0, None

@@ -1,0 +1,223 @@
+"""Typed run configuration: dataclass defaults ← recipe YAML ← preset ← dotted CLI overrides.
+
+A recipe YAML holds plain values in the sections of :class:`RunConfig` (``model``, ``task``, ``data``,
+``optim``, ``train``) plus optional ``presets`` (named sets of dotted overrides, e.g. ``tiny`` for
+CPU smoke tests). The ``task`` section is checked against the recipe's own dataclass
+(``TaskClass.config_class``). Unknown keys fail with the valid keys of their section; the resolved
+config is written into the run dir, every checkpoint and the export manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe, preset or override that does not fit; the message names the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit3d_base_p16"
+    kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the backbone
+
+
+@dataclass
+class DataConfig:
+    shards: list = field(default_factory=list)  # shard set folders (python -m shards build)
+    crop_size: list = field(default_factory=lambda: [96, 96, 96])
+    crops_per_volume: int = 4
+    num_workers: int = 2
+    window_ct: list = field(default_factory=lambda: [-175.0, 250.0])  # HU window of the official recipes
+    window_out: list = field(default_factory=lambda: [0.0, 1.0])
+    pos_fraction: float = 0.75
+    flip_prob: float = 0.5
+    rot90_prob: float = 0.3
+    shuffle_buffer: int = 4
+    pool_size: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.01  # of train.steps, linear from 0
+    min_lr: float = 0.0  # cosine floor
+    grad_clip: float = 0.0  # 0 = off (the official Hi-End-MAE trainer does not clip)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100_000  # optimizer steps
+    micro_batch: int = 4  # crops per GPU per forward
+    grad_accum: int = 1
+    global_batch: int | None = None  # if given, must equal micro_batch × grad_accum × world size
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    zero_stage: int = 1
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    picture_every: int = 1000
+    seed: int = 0
+    wandb: str = "offline"  # offline | online | disabled (WANDB_MODE wins when set)
+    wandb_project: str = "medssl"
+
+
+@dataclass
+class RunConfig:
+    recipe: str = ""
+    out: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: Any = None  # the recipe's config dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """sha256 of the resolved config (without the output folder), recorded in exports."""
+        d = self.to_dict()
+        d.pop("out", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------- merging
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _coerce(value, current, where: str):
+    """Bring a YAML/CLI value to the type of the default it replaces (ints→floats, tuples→lists)."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(current, dict) and isinstance(value, dict):
+        return dict(value)
+    if isinstance(current, str) and isinstance(value, str):
+        return value
+    if type(value) is not type(current):
+        raise ConfigError(f"{where}={value!r} has type {type(value).__name__}, expected {type(current).__name__}")
+    return value
+
+
+def _unknown(key: str, where: str, valid) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown key {where + key!r}{hint}; valid keys{' under ' + where.rstrip('.') if where else ''}: "
+                       f"{', '.join(sorted(valid))}")
+
+
+def merge(obj, values: dict, where: str = ""):
+    """Set ``values`` (nested dicts) on dataclass ``obj`` in place; unknown keys raise :class:`ConfigError`."""
+    fields = _fields(obj)
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(key, where, fields)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where + key} must be a mapping of its keys, got {value!r}")
+            merge(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, current, where + key))
+    return obj
+
+
+def set_dotted(obj, dotted: str, value) -> None:
+    """``set_dotted(cfg, "optim.lr", 2e-4)``."""
+    parts = dotted.split(".")
+    nested: dict = {}
+    cur = nested
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    merge(obj, nested)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=2e-4"`` → ("optim.lr", 0.0002); values are read as YAML (numbers, lists, null, true)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. optim.lr=2e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+# ------------------------------------------------------------------------------------- recipes
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_yaml(recipe: str) -> Path:
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.exists():
+        known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(recipe, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown recipe {recipe!r}{hint} (known: {', '.join(known)})")
+    return path
+
+
+def task_class(recipe: str):
+    """Import ``recipes.<recipe>`` (which registers its task) and return the task class."""
+    from .registry import TASKS
+
+    importlib.import_module(f"recipes.{recipe}")
+    return TASKS.get(recipe)
+
+
+def load_config(recipe: str, overrides: list[str] | None = None, preset: str | None = None) -> RunConfig:
+    """Resolve a run config from a recipe name (or YAML path), an optional preset and dotted overrides."""
+    path = recipe_yaml(recipe)
+    raw = yaml.safe_load(path.read_text()) or {}
+    name = raw.pop("recipe", Path(path).stem)
+    presets = raw.pop("presets", {}) or {}
+    cls = task_class(name)
+    cfg = RunConfig(recipe=name, task=cls.config_class())
+    merge(cfg, raw)
+    if preset:
+        if preset not in presets:
+            raise ConfigError(f"recipe {name} has no preset {preset!r} (presets: {', '.join(sorted(presets)) or 'none'})")
+        for key, value in presets[preset].items():
+            set_dotted(cfg, key, value)
+    for text in overrides or []:
+        set_dotted(cfg, *parse_override(text))
+    return cfg
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Rebuild a resolved config (as written to the run dir) — used by export and resume."""
+    d = dict(d)
+    cls = task_class(d["recipe"])
+    cfg = RunConfig(recipe=d["recipe"], task=cls.config_class())
+    merge(cfg, {k: v for k, v in d.items() if k != "recipe"})
+    return cfg

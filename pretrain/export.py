@@ -1,0 +1,207 @@
+"""Exports (DESIGN contract 4): ``export/backbone.safetensors`` + ``export/manifest.json``, and the loader.
+
+An export is what fine-tuning and other users read — no pickles, fp32, keys relative to the backbone,
+and a manifest that says how to rebuild the network and how its inputs were prepared. ZeRO
+checkpoints are consolidated in-process with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+(the model-states file holds bf16 weights under bf16 and empty tensors under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+BACKBONE_FILE = "backbone.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class ExportError(ValueError):
+    """An export that cannot be read or does not match its weights; names the file and the fix."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_export(out: str | Path, backbone_name: str, backbone: nn.Module, state: dict[str, torch.Tensor],
+                 meta: dict) -> Path:
+    """Write ``state`` (backbone keys) and the manifest into ``out``; returns the folder.
+
+    ``backbone`` (which may live on the meta device) supplies its constructor config and feature layout."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(out / BACKBONE_FILE), metadata={"format": "medssl", "version": str(FORMAT_VERSION)})
+    cfg = dict(backbone.config)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "backbone": {"name": backbone_name, "kwargs": cfg},
+        "in_channels": cfg.get("in_chans", 1),
+        "patch_size": cfg.get("patch_size"),
+        "feature_strides": list(backbone.feature_strides),
+        "feature_channels": list(backbone.feature_channels),
+        "weights": {"file": BACKBONE_FILE, "sha256": sha256_file(out / BACKBONE_FILE), "keys": len(tensors),
+                    "parameters": int(sum(t.numel() for t in tensors.values()))},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **meta,
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=False, default=str))
+    return out
+
+
+def preprocessing_from(cfg) -> dict:
+    """What fine-tuning must repeat: spacing/orientation of the shards, the intensity window per modality."""
+    spacing = None
+    for d in cfg.data.shards:
+        idx = Path(d) / "index.json"
+        if idx.exists():
+            spacing = json.loads(idx.read_text()).get("config", {}).get("spacing")
+            break
+    return {
+        "orientation": "RAS",
+        "spacing": spacing,
+        "crop_size": list(cfg.data.crop_size),
+        "intensity": {"CT": {"window": list(cfg.data.window_ct), "out": list(cfg.data.window_out), "clip": True},
+                      "MR": {"percentiles": [0.5, 99.5], "out": list(cfg.data.window_out), "clip": True}},
+    }
+
+
+def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None, log=print) -> Path:
+    """Consolidate a run's newest (or ``tag``) checkpoint to fp32 and write ``run_dir/export``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from .backbones import build_backbone
+    from .checkpoint import complete_tags
+    from .config import config_from_dict
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ExportError(f"{cfg_path} not found: {run_dir} is not a pretraining run dir")
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+    ckpt_dir = run_dir / "checkpoints"
+    tags = complete_tags(ckpt_dir)
+    if tag is None:
+        if not tags:
+            raise ExportError(f"no complete checkpoint in {ckpt_dir}: train first (python -m pretrain {cfg.recipe} …)")
+        tag = tags[0]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone_state:
+        raise ExportError(f"checkpoint {ckpt_dir / tag} holds no 'backbone.' keys; is it a medssl run?")
+    complete = json.loads((ckpt_dir / tag / "complete.json").read_text())
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
+    dest = write_export(out or run_dir / "export", cfg.model.backbone, backbone, backbone_state, {
+        "recipe": cfg.recipe,
+        "step": complete["step"],
+        "samples_seen": complete["samples"],
+        "config_hash": cfg.hash(),
+        "config": cfg.to_dict(),
+        "preprocessing": preprocessing_from(cfg),
+        "source": {"run_dir": str(run_dir.resolve()), "checkpoint": tag},
+    })
+    log(f"exported {len(backbone_state)} backbone tensors from {ckpt_dir / tag} to {dest}")
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- loading
+def read_manifest(export_dir: str | Path) -> dict:
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST_FILE
+    if not path.exists():
+        raise ExportError(f"{path} not found: an export folder holds manifest.json and {BACKBONE_FILE}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: export format version {manifest.get('format_version')!r}; this medssl reads "
+                          f"version {FORMAT_VERSION} (upgrade medssl or re-export)")
+    return manifest
+
+
+def load_state(export_dir: str | Path, manifest: dict | None = None) -> dict[str, torch.Tensor]:
+    """The export's tensors, after checking the sha256 recorded in its manifest."""
+    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+
+    export_dir = Path(export_dir)
+    manifest = manifest or read_manifest(export_dir)
+    path = export_dir / manifest["weights"]["file"]
+    if sha256_file(path) != manifest["weights"]["sha256"]:
+        raise ExportError(f"{path}: sha256 differs from {export_dir / MANIFEST_FILE} (weights replaced or damaged; "
+                          "re-export, or restore the matching manifest)")
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ExportError(f"{path} is not a safetensors file ({exc}); exports never hold pickles") from None
+
+
+def diff_report(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """(missing, unexpected, mis-shaped) keys between a model and a state dict."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shaped = sorted((k, tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
+                    if tuple(state[k].shape) != tuple(own[k].shape))
+    return missing, unexpected, shaped
+
+
+def format_report(missing, unexpected, shaped, limit: int = 20) -> str:
+    lines = []
+    for title, items in (("missing from the weights", missing), ("unexpected in the weights", unexpected)):
+        if items:
+            lines.append(f"{len(items)} key(s) {title}: " + ", ".join(items[:limit]) + (" …" if len(items) > limit else ""))
+    for k, got, want in shaped[:limit]:
+        lines.append(f"mis-shaped {k}: weights {list(got)}, model {list(want)}")
+    return "\n".join(lines)
+
+
+def adapt_in_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """Stem weights for another number of input channels: the mean over the trained channels repeated,
+    scaled so that a volume repeated on every channel gives the same activation (nnssl/nnU-Net habit)."""
+    mean = weight.mean(dim=1, keepdim=True)  # [D, 1, p, p, p]
+    return mean.repeat(1, channels, *([1] * (weight.dim() - 2))) * (weight.shape[1] / channels)
+
+
+def load_backbone(export_dir: str | Path, img_size=None, in_chans: int | None = None, strict: bool = True,
+                  log=print) -> nn.Module:
+    """Rebuild the exported backbone and load every key (or raise with a readable diff).
+
+    ``img_size`` builds it for another input size (the sin-cos position embedding follows the new
+    grid); ``in_chans`` adapts the stem convolution to another number of input channels.
+    """
+    from .backbones import build_backbone
+
+    manifest = read_manifest(export_dir)
+    kwargs = dict(manifest["backbone"]["kwargs"])
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    state = load_state(export_dir, manifest)
+    if in_chans is not None and in_chans != kwargs.get("in_chans", 1):
+        for key in [k for k in state if k.endswith("patch_embed.proj.weight")]:
+            state[key] = adapt_in_channels(state[key], in_chans)
+        kwargs["in_chans"] = in_chans
+    model = build_backbone(manifest["backbone"]["name"], **kwargs)
+    missing, unexpected, shaped = diff_report(model, state)
+    if missing or unexpected or shaped:
+        report = format_report(missing, unexpected, shaped)
+        if strict:
+            raise ExportError(f"{export_dir}: the weights do not fit {manifest['backbone']['name']}:\n{report}")
+        log(f"warning: partial load of {export_dir}:\n{report}")
+    model.load_state_dict({k: v for k, v in state.items() if k not in unexpected and k not in {s[0] for s in shaped}},
+                          strict=False)
+    log(f"loaded {len(state) - len(unexpected) - len(shaped)}/{len(model.state_dict())} backbone tensors from {export_dir}")
+    return model

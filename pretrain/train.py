@@ -1,0 +1,184 @@
+"""The one training loop (DESIGN "The one loop"), shared by every recipe.
+
+init distributed → build backbone → build task → stream → ``deepspeed.initialize`` → resume →
+``for step in range(start, total)``: set lr → forward → ``engine.backward`` → ``engine.step`` → log
+(rank 0) → maybe checkpoint → export at the end. Step-based; records samples seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, engine
+from .config import RunConfig
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup from 0, then cosine to ``min_lr`` at the last step (updated every step)."""
+    o, total = cfg.optim, max(1, cfg.train.steps)
+    warmup = int(round(o.warmup_fraction * total))
+    if warmup and step < warmup:
+        return o.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class RunLog:
+    """Rank 0's record of a run: ``metrics.jsonl`` always, wandb beside it (offline unless configured)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        mode = os.environ.get("WANDB_MODE") or cfg.train.wandb
+        if mode != "disabled":
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), mode=mode,
+                                        name=run_dir.name, config=cfg.to_dict(), resume="allow",
+                                        id=f"{run_dir.name}-{cfg.hash()[:8]}")
+            except Exception as exc:  # noqa: BLE001 - logging must never stop training
+                print(f"warning: wandb disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def build_task(cfg: RunConfig):
+    from .backbones import build_backbone
+    from .config import task_class
+
+    backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
+    return task_class(cfg.recipe)(backbone, cfg.task)
+
+
+def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
+    import shards
+    from shards import StreamConfig, Window
+
+    d = cfg.data
+    sc = StreamConfig(crop_size=tuple(d.crop_size), crops_per_volume=d.crops_per_volume, batch_size=cfg.train.micro_batch,
+                      num_workers=d.num_workers, mode="train", seed=seed, shuffle_buffer=d.shuffle_buffer,
+                      pool_size=d.pool_size, pos_fraction=d.pos_fraction,
+                      window=Window(ct=tuple(d.window_ct), out=tuple(d.window_out)),
+                      flip_prob=d.flip_prob, rot90_prob=d.rot90_prob, labels=False)
+    return shards.stream(d.shards, sc, rank=env.rank, world_size=env.world_size)
+
+
+def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, progress: bool = True) -> Path:
+    """Run (or continue) a pretraining run; returns the run dir. Call on every rank."""
+    import deepspeed
+    from tqdm import tqdm
+
+    env = engine.init_distributed()
+    run_dir = Path(cfg.out)
+    ckpt_dir = run_dir / "checkpoints"
+    if env.is_main:
+        (run_dir / "pictures").mkdir(parents=True, exist_ok=True)
+        cfg.dump(run_dir / "config.yaml")
+    engine.barrier()
+    torch.manual_seed(cfg.train.seed + env.rank)
+
+    task = build_task(cfg)
+    optimizer = torch.optim.AdamW(task.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas))
+    ds_config = engine.deepspeed_config(cfg, env.world_size, env.device, ds_user)
+    eng, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+
+    start, samples, loader_state = (0, 0, None)
+    if resume != "none":
+        start, samples, loader_state = checkpoint.resume(eng, ckpt_dir, env.rank, env.world_size,
+                                                          log=print if env.is_main else (lambda *_: None))
+    loader = make_stream(cfg, env, cfg.train.seed)
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
+    batches = iter(loader)
+    global_batch = engine.check_batch(cfg, env.world_size)
+    log = RunLog(cfg, run_dir, env.is_main)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (env.is_main and progress), unit="step",
+               desc=cfg.recipe, dynamic_ncols=True)
+    prec = engine.precision(cfg, env.device)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+    t_last, s_last, bad_in_row = time.time(), samples, 0
+    step = start
+    batch = None
+    while step < cfg.train.steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scalars: dict[str, float] = {}
+        for _ in range(cfg.train.grad_accum):
+            batch = _to_device(next(batches), env.device)
+            with autocast:
+                out = eng(batch)
+            loss = out["loss"]
+            if engine.all_reduce_max(0.0 if torch.isfinite(loss.detach()).all() else 1.0):
+                keys = engine.all_gather_object(batch["key"])
+                if env.is_main:
+                    print(f"warning: non-finite loss at step {step}; batch volumes per rank: {keys} — skipped",
+                          file=sys.stderr, flush=True)
+                bad_in_row += 1
+                if bad_in_row >= 10:
+                    raise FloatingPointError(f"10 non-finite losses in a row at step {step}: lower optim.lr, "
+                                             "check the data (python -m shards verify) or use precision fp32")
+                continue
+            bad_in_row = 0
+            eng.backward(loss)
+            eng.step()
+            for k, v in out.items():
+                scalars[k] = scalars.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.train.grad_accum
+        step += 1
+        samples += global_batch
+        bar.update(1)
+        if env.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            now = time.time()
+            rate = (samples - s_last) / max(now - t_last, 1e-9)
+            t_last, s_last = now, samples
+            record = {"step": step, "lr": lr, "samples": samples, "samples_per_s": rate, **scalars,
+                      "stream_errors": loader.errors}
+            log.write(record)
+            bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
+        if env.is_main and cfg.train.picture_every and (step % cfg.train.picture_every == 0 or step == cfg.train.steps):
+            _picture(eng.module, batch, run_dir / "pictures" / f"step{step:08d}.png")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            checkpoint.save(eng, ckpt_dir, step, samples, loader.state_dict(), env.rank, cfg.train.keep_last)
+    bar.close()
+    log.close()
+    if env.is_main:
+        from .export import export_run
+
+        export_run(run_dir)
+    engine.barrier()
+    return run_dir
+
+
+def _picture(task, batch, path: Path) -> None:
+    if batch is None or not hasattr(task, "reconstruct"):
+        return
+    try:
+        task.reconstruct({k: v for k, v in batch.items()}, path=path)
+    except Exception as exc:  # noqa: BLE001 - a picture must never stop training
+        print(f"warning: could not draw {path.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
