@@ -85,6 +85,10 @@ def main(argv=None) -> int:
         from .importers import main as import_main
 
         return import_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv and argv[0] == "list":
         from .backbones import BACKBONES
         from .config import RECIPES_DIR
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
         print("recipes:  ", ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))))
         print("backbones:", ", ".join(BACKBONES.names()))
         return 0
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)
     try:
         cfg, ds_user = resolve(args)
     except (ValueError, KeyError) as exc:
