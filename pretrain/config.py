@@ -109,6 +109,11 @@ def _coerce(value, current, where: str):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}={value!r} must be true or false")
         return value
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = type(current)(float(value)) if isinstance(current, float) else int(value)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} is not a number") from None
     if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):

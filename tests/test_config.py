@@ -1,0 +1,83 @@
+"""Config: paper defaults, presets, dotted overrides, unknown keys, round trip, batch and schedule checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pretrain.config import ConfigError, config_from_dict, load_config, parse_override
+from pretrain.engine import check_batch, deepspeed_config
+from pretrain.train import lr_at
+
+
+def test_paper_defaults_and_tiny_preset():
+    cfg = load_config("hi_end_mae")
+    assert cfg.model.backbone == "vit3d_large_p12"
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.weight_decay) == (1e-4, [0.9, 0.95], 0.05)
+    assert cfg.task.mask_ratio == 0.75 and list(cfg.data.crop_size) == [96, 96, 96]
+    assert list(cfg.data.window_ct) == [-175.0, 250.0]
+    tiny = load_config("hi_end_mae", preset="tiny")
+    assert tiny.model.backbone == "vit3d_tiny_p16" and max(tiny.data.crop_size) < 96
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("hi_end_mae", ["optim.lr=2e-4", "train.micro_batch=8", "data.crop_size=[64,64,64]",
+                                     "task.mask_ratio=0.6", "model.kwargs={drop_path_rate: 0.1}"])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.micro_batch == 8 and cfg.data.crop_size == [64, 64, 64] and cfg.task.mask_ratio == 0.6
+    assert cfg.model.kwargs == {"drop_path_rate": 0.1}
+    assert parse_override("optim.lr=1") == ("optim.lr", 1)
+    with pytest.raises(ConfigError, match="train.micro_batch"):
+        load_config("hi_end_mae", ["train.micro_batch=lots"])
+
+
+def test_unknown_keys_list_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config("hi_end_mae", ["optim.lrr=1e-3"])
+    assert "optim.lrr" in str(err.value) and "did you mean 'lr'" in str(err.value) and "weight_decay" in str(err.value)
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        load_config("hi_end_mae", ["task.mask_rate=0.5"])
+    with pytest.raises(ConfigError, match="unknown recipe 'hi_end_ma'.*hi_end_mae"):
+        load_config("hi_end_ma")
+    with pytest.raises(ConfigError, match="no preset 'huge'"):
+        load_config("hi_end_mae", preset="huge")
+
+
+def test_round_trip_through_the_run_dir(tmp_path):
+    cfg = load_config("hi_end_mae", ["optim.lr=3e-4"], preset="tiny")
+    cfg.out = str(tmp_path)
+    cfg.dump(tmp_path / "config.yaml")
+    import yaml
+
+    back = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert back.to_dict() == cfg.to_dict() and back.hash() == cfg.hash()
+
+
+def test_batch_must_add_up_over_the_world():
+    cfg = load_config("hi_end_mae", ["train.micro_batch=4", "train.grad_accum=2"])
+    assert check_batch(cfg, 2) == 16
+    cfg.train.global_batch = 15
+    with pytest.raises(ConfigError, match="does not divide by the world size 2"):
+        check_batch(cfg, 2)
+    cfg.train.global_batch = 32
+    with pytest.raises(ConfigError, match="grad_accum=4"):
+        check_batch(cfg, 2)
+    import torch
+
+    ds = deepspeed_config(load_config("hi_end_mae", ["train.zero_stage=2", "optim.grad_clip=1.0"]), 2, torch.device("cpu"))
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0 and not ds["bf16"]["enabled"]
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    assert deepspeed_config(load_config("hi_end_mae"), 1, torch.device("cuda"))["bf16"]["enabled"]
+
+
+def test_warmup_then_cosine():
+    cfg = load_config("hi_end_mae", ["train.steps=1000", "optim.warmup_fraction=0.1", "optim.lr=1e-3",
+                                     "optim.min_lr=1e-5"])
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 100)
+    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    mid = 100 + 450
+    assert lr_at(mid, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(1000, cfg) == pytest.approx(1e-5)
+    lrs = [lr_at(s, cfg) for s in range(100, 1000)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
