@@ -32,7 +32,8 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     """Complete tags, newest first."""
     if not ckpt_dir.exists():
         return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / "complete.json").exists()]
+    tags = [p.name for p in ckpt_dir.iterdir()
+            if p.is_dir() and p.name.startswith("step") and (p / "complete.json").exists()]
     return sorted(tags, reverse=True)
 
 
@@ -100,5 +101,7 @@ def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print) -> tuple[int, 
             return int(client["step"]), int(client.get("samples", 0)), state
         if rank == 0:
             print(f"warning: checkpoint {path} cannot be used ({problem or 'failed on another rank'}); "
-                  "falling back to an older one", file=sys.stderr, flush=True)
+                  f"falling back to an older one (moved aside as damaged-{tag})", file=sys.stderr, flush=True)
+            path.rename(ckpt_dir / f"damaged-{tag}")  # or it would shadow the new ones of this run
+        engine.barrier()
     return 0, 0, None

@@ -170,7 +170,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     if env.is_main:
         from .export import export_run
 
-        export_run(run_dir)
+        export_run(run_dir, tag=checkpoint.tag_for(step))
     engine.barrier()
     return run_dir
 

@@ -81,3 +81,25 @@ def test_warmup_then_cosine():
     assert lr_at(1000, cfg) == pytest.approx(1e-5)
     lrs = [lr_at(s, cfg) for s in range(100, 1000)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("override,words", [
+    ("data.crop_size=[100,100,100]", "not divisible by patch_size 16"),
+    ("model.kwargs={embed_dim: 100, num_heads: 4}", "divisible by 6"),
+    ("model.kwargs={num_heads: 5}", "num_heads"),
+    ("train.global_batch=7", "global_batch"),
+])
+def test_cli_refuses_bad_settings_before_starting(built, tmp_path, capsys, override, words):
+    from pretrain.__main__ import main
+
+    rc = main(["hi_end_mae", "--shards", str(built), "--out", str(tmp_path / "run"), "--preset", "tiny", override])
+    assert rc == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "nothing was started"
+
+
+def test_cli_refuses_missing_shards(tmp_path, capsys):
+    from pretrain.__main__ import main
+
+    assert main(["hi_end_mae", "--shards", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "no index.json" in capsys.readouterr().err

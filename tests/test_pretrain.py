@@ -94,3 +94,24 @@ def test_export_refuses_replaced_weights(runs, tmp_path):
     (bad / "backbone.safetensors").write_bytes((bad / "backbone.safetensors").read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ExportError, match="sha256"):
         load_backbone(bad)
+
+
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(runs, tmp_path):
+    """The newest checkpoint lost its model states (a crash mid-copy): --resume auto says so and
+    continues from the one before."""
+    import shutil
+
+    run, *_ = runs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for f in (copy / "checkpoints" / "step00000030").glob("*model_states.pt"):
+        f.unlink()
+    (copy / "export").rename(tmp_path / "old_export")
+    built = json.loads((run / "export" / "manifest.json").read_text())["config"]["data"]["shards"]
+    res = _torchrun(["--shards", *built, "--out", str(copy), "--preset", "tiny", "--no-progress", "--steps", "26",
+                     "train.checkpoint_every=100", "train.log_every=1", "data.num_workers=1", "task.norm_pix_loss=false",
+                     "train.keep_last=2", "optim.lr=1e-3", "optim.warmup_fraction=0.1"], Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "step00000030" in res.stderr and "falling back" in res.stderr
+    assert json.loads((copy / "resume.json").read_text())["step"] == 24
+    assert read_manifest(copy / "export")["step"] == 26
