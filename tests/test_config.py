@@ -103,3 +103,11 @@ def test_cli_refuses_missing_shards(tmp_path, capsys):
 
     assert main(["hi_end_mae", "--shards", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "no index.json" in capsys.readouterr().err
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys):
+    from pretrain.__main__ import main
+
+    assert main(["--local_rank=0", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "hi_end_mae" in out and "vit3d_base_p16" in out
