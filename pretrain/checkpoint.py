@@ -49,9 +49,10 @@ def param_digest(module: torch.nn.Module) -> str | None:
     return h.hexdigest()
 
 
-def save(eng, ckpt_dir: Path, step: int, samples: int, loader_state: dict, rank: int, keep_last: int) -> None:
+def save(eng, ckpt_dir: Path, step: int, samples: int, loader_state: dict, rank: int, keep_last: int,
+         config: dict | None = None) -> None:
     tag = tag_for(step)
-    eng.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "samples": samples})
+    eng.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "samples": samples, "config": config})
     (ckpt_dir / tag / f"loader_rank{rank}.json").write_text(json.dumps(loader_state))
     engine.barrier()
     if rank == 0:

@@ -164,7 +164,8 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
         if env.is_main and cfg.train.picture_every and (step % cfg.train.picture_every == 0 or step == cfg.train.steps):
             _picture(eng.module, batch, run_dir / "pictures" / f"step{step:08d}.png")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            checkpoint.save(eng, ckpt_dir, step, samples, loader.state_dict(), env.rank, cfg.train.keep_last)
+            checkpoint.save(eng, ckpt_dir, step, samples, loader.state_dict(), env.rank, cfg.train.keep_last,
+                            config=cfg.to_dict())
     bar.close()
     log.close()
     if env.is_main:
