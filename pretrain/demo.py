@@ -47,8 +47,10 @@ def run(out: Path, steps: int, nproc: int, seed: int = 0) -> int:
     print(f"  {run_dir / 'export'}: {manifest['backbone']['name']} ({manifest['weights']['parameters'] / 1e6:.2f} M "
           f"parameters), step {manifest['step']}, {manifest['samples_seen']} crops seen, spacing "
           f"{manifest['preprocessing']['spacing']} mm, CT window {manifest['preprocessing']['intensity']['CT']['window']}")
-    print(f"  loss {metrics[0]['loss']:.4f} (step {metrics[0]['step']}) -> {metrics[-1]['loss']:.4f} "
-          f"(step {metrics[-1]['step']}); pictures in {run_dir / 'pictures'}")
+    head, tail = metrics[:3], metrics[-3:]
+    mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
+    print(f"  loss {mean(head):.4f} (steps {head[0]['step']}-{head[-1]['step']}) -> {mean(tail):.4f} "
+          f"(steps {tail[0]['step']}-{tail[-1]['step']}); pictures in {run_dir / 'pictures'}")
     print(f"  features: {[tuple(f.shape) for f in model.forward_features(__import__('torch').zeros(1, 1, *manifest['preprocessing']['crop_size']))]}")
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
     return 0

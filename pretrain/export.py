@@ -8,13 +8,14 @@ checkpoints are consolidated in-process with DeepSpeed's ``get_fp32_state_dict_f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from shards.verify import sha256_file
 
 FORMAT_VERSION = 1
 BACKBONE_FILE = "backbone.safetensors"
@@ -23,14 +24,6 @@ MANIFEST_FILE = "manifest.json"
 
 class ExportError(ValueError):
     """An export that cannot be read or does not match its weights; names the file and the fix."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_export(out: str | Path, backbone_name: str, backbone: nn.Module, state: dict[str, torch.Tensor],

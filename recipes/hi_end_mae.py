@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from pretrain.backbones.vit3d import sincos_pos_embed_3d
 from pretrain.config import ConfigError
 from pretrain.registry import TASKS
+from pretrain.layers import mae_init_
 
 PATCH_NORM_EPS = 1e-6  # the official target LayerNorm (no affine, biased variance)
 
@@ -188,16 +189,8 @@ class HiEndMAE(nn.Module):
     def _init_decoder(self) -> None:
         """As the paper's code: Xavier-uniform Linear, zero biases, LayerNorm (1, 0), mask token N(0, .02)."""
         nn.init.normal_(self.mask_token, std=0.02)
-        for name, m in self.named_modules():
-            if name.startswith("backbone"):
-                continue  # the backbone initialises itself
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        # the backbone initialises itself
+        mae_init_(m for name, m in self.named_modules() if not name.startswith("backbone"))
 
     # ------------------------------------------------------------------------------ pieces
     def random_masking(self, B: int, L: int, ratio: float, generator: torch.Generator | None = None,

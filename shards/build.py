@@ -10,7 +10,6 @@ skipped and counted; the build exits non-zero only when nothing was built or ``-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -159,17 +158,11 @@ class _ShardWriter:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
-        digest = hashlib.sha256()
-        with open(self.tmp, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
+        from .verify import sha256_file
+
+        digest = sha256_file(self.tmp)
         os.replace(self.tmp, self.final)
-        return {
-            "name": self.final.name,
-            "samples": self.count,
-            "bytes": self.final.stat().st_size,
-            "sha256": digest.hexdigest(),
-        }
+        return {"name": self.final.name, "samples": self.count, "bytes": self.final.stat().st_size, "sha256": digest}
 
 
 def _read_progress(out: Path) -> list[dict]:

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..registry import BACKBONES
+from ..layers import mae_init_
 
 
 def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int, temperature: float = 10000.0) -> Tensor:
@@ -104,14 +105,7 @@ class ViT3D(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        mae_init_(self.modules())
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"} if self.cls_token is not None else set()
