@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,6 +94,8 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     import deepspeed
     from tqdm import tqdm
 
+    # DeepSpeed's ZeRO-1/2 still calls a collective torch marks deprecated; say it once in the docs, not per step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     env = engine.init_distributed()
     run_dir = Path(cfg.out)
     ckpt_dir = run_dir / "checkpoints"
