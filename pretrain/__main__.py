@@ -25,7 +25,7 @@ def _train_parser() -> argparse.ArgumentParser:
         description="Pretrain a recipe on shard sets with DeepSpeed (one CPU, or N nodes x M GPUs).\n"
                     "Defaults are the paper's setting; `--preset tiny` is a CPU-sized model and crop.\n"
                     "Other commands: `python -m pretrain export RUN_DIR`, `python -m pretrain import NAME CKPT "
-                    "--out DIR`, `python -m pretrain list`.",
+                    "--out DIR`, `python -m pretrain list`, `python -m pretrain demo` (the README's demo).",
         epilog="example: torchrun --nproc_per_node 2 -m pretrain hi_end_mae --shards demo/shards --out runs/mae "
                "--preset tiny --steps 200 optim.lr=2e-4",
     )
@@ -101,6 +101,9 @@ def main(argv=None) -> int:
         print("backbones:", ", ".join(BACKBONES.names()))
         return 0
     args = _train_parser().parse_intermixed_args(argv)
+    # `--shards DIR key=value` : argparse hands the override to --shards; give it back
+    args.overrides += [s for s in args.shards if "=" in s]
+    args.shards = [s for s in args.shards if "=" not in s]
     try:
         cfg, ds_user = resolve(args)
     except (ValueError, KeyError) as exc:

@@ -98,6 +98,14 @@ def test_cli_refuses_bad_settings_before_starting(built, tmp_path, capsys, overr
     assert not (tmp_path / "run").exists(), "nothing was started"
 
 
+def test_overrides_right_after_shards_are_overrides(built, tmp_path, capsys):
+    from pretrain.__main__ import main
+
+    rc = main(["hi_end_mae", "--preset", "tiny", "--out", str(tmp_path / "r"), "--shards", str(built),
+               "data.crop_size=[100,100,100]"])
+    assert rc == 2 and "not divisible by patch_size 16" in capsys.readouterr().err
+
+
 def test_cli_refuses_missing_shards(tmp_path, capsys):
     from pretrain.__main__ import main
 
