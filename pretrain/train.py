@@ -183,6 +183,6 @@ def _picture(task, batch, path: Path) -> None:
     if batch is None or not hasattr(task, "reconstruct"):
         return
     try:
-        task.reconstruct({k: v for k, v in batch.items()}, path=path)
+        task.reconstruct(batch, path=path)
     except Exception as exc:  # noqa: BLE001 - a picture must never stop training
         print(f"warning: could not draw {path.name}: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -407,8 +407,7 @@ def stream(shards: str | Path | Sequence[str | Path], config: StreamConfig | Non
     dirs = [shards] if isinstance(shards, (str, Path)) else list(shards)
     if not dirs:
         raise ValueError("no shard directories given")
+    # StreamConfig.__post_init__ turns the dict that asdict() makes of the window back into a Window
     cfg = StreamConfig(**{**asdict(config or StreamConfig()), **overrides}) if overrides or config is None else config
-    if isinstance(cfg.window, dict):
-        cfg.window = Window(**cfg.window)
     r, w = _rank_world(rank, world_size)
     return ShardLoader(ShardStream(dirs, cfg, r, w))
