@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"shards": "shards.__main__", "pretrain": "pretrain.__main__"}
+COMMANDS = {"shards": "shards.__main__", "pretrain": "pretrain.__main__", "finetune": "finetune.__main__"}
 
 
 def medssl_main(argv=None) -> int:

@@ -1,0 +1,105 @@
+"""From what the user has to a segmentation network with a load report.
+
+``--export`` may be
+
+* a medssl export folder (``manifest.json`` + ``backbone.safetensors``; also what
+  ``python -m pretrain import …`` writes for official checkpoints): the backbone is rebuilt from the
+  manifest and every one of its keys must load (sha256 and format version checked first);
+* a checkpoint file (``.safetensors``, or ``.pt``/``.pth`` read with ``torch.load(weights_only=True)``)
+  of MONAI's SwinUNETR or UNETR self-supervised weights: the MONAI network is built and its encoder
+  loaded through the named key adapters of :mod:`finetune.adapters`.
+
+``--init scratch`` builds the same network with the same seeds and loads nothing. The decoder is always
+new; its initial weights depend only on ``train.seed``, so pretrained and scratch runs start from the
+same decoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pretrain.export import ExportError
+
+
+def _report(source: str, loaded, new, dropped=(), notes=()):
+    from .adapters import LoadReport
+
+    return LoadReport(source=source, loaded=sorted(loaded), new=sorted(new), dropped=sorted(dropped), notes=list(notes))
+
+
+def build(cfg, in_channels: int, out_channels: int, log=print):
+    """(model, report, manifest | None, arch). Every failure to load names the file and the fix."""
+    from .models import SegmentationNet, make_decoder
+
+    crop = tuple(int(c) for c in cfg.data.crop_size)
+    export = Path(cfg.export) if cfg.export else None
+    pretrained = cfg.init == "pretrained"
+    if export is None and pretrained:
+        raise ValueError("--export is required for a pretrained run (or pass --init scratch with model.backbone=NAME)")
+    if export is not None and export.is_file():
+        return _build_monai(cfg, export, in_channels, out_channels, crop, pretrained)
+    manifest = None
+    if export is not None:
+        from pretrain.export import read_manifest
+
+        manifest = read_manifest(export)
+        name, kwargs = manifest["backbone"]["name"], dict(manifest["backbone"]["kwargs"])
+    else:
+        name, kwargs = cfg.model.backbone, {}
+        if not name:
+            raise ValueError("--init scratch without --export needs model.backbone=NAME (python -m pretrain list)")
+    notes = []
+    trained_chans = int(kwargs.get("in_chans", 1))
+    if "img_size" in kwargs and tuple(_as3(kwargs["img_size"])) != crop:
+        notes.append(f"backbone built for {list(crop)} crops (pretrained on {list(_as3(kwargs['img_size']))}; "
+                     "fixed sin-cos position embeddings follow the grid)")
+    if "img_size" in kwargs or export is None:
+        kwargs["img_size"] = list(crop)
+    kwargs["in_chans"] = in_channels
+    from pretrain.backbones import build_backbone
+
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_backbone(name, **kwargs)
+    torch.manual_seed(cfg.train.seed + 1)  # the decoder's init depends on the seed only, not on the backbone
+    arch, decoder = make_decoder(backbone, cfg.model.arch, in_channels, out_channels, cfg)
+    model = SegmentationNet(backbone, decoder)
+    model.backbone_name, model.arch = name, arch
+    dec_keys = [f"decoder.{k}" for k in decoder.state_dict()]
+    bb_keys = [f"backbone.{k}" for k in backbone.state_dict()]
+    if not pretrained:
+        return model, _report(f"scratch ({name})", [], bb_keys + dec_keys, notes=notes), manifest, arch
+    from pretrain.export import adapt_in_channels, diff_report, format_report, load_state
+
+    state = load_state(export, manifest)
+    if in_channels != trained_chans:
+        for key in [k for k in state if k.endswith("patch_embed.proj.weight")]:
+            state[key] = adapt_in_channels(state[key], in_channels)
+        notes.append(f"stem repeated from {trained_chans} to {in_channels} input channel(s)")
+    missing, unexpected, shaped = diff_report(backbone, state)
+    if missing or unexpected or shaped:
+        raise ExportError(f"{export}: the weights do not fit {name}:\n{format_report(missing, unexpected, shaped)}\n"
+                          "(re-export the run, or pass the export that matches this manifest)")
+    backbone.load_state_dict(state, strict=True)
+    return model, _report(str(export), bb_keys, dec_keys, notes=notes), manifest, arch
+
+
+def _build_monai(cfg, path: Path, in_channels: int, out_channels: int, crop, pretrained: bool):
+    from .adapters import build_monai_model, detect_arch, read_checkpoint
+
+    state = read_checkpoint(path)
+    arch = cfg.model.arch if cfg.model.arch.startswith("monai_") else detect_arch(state)
+    if cfg.model.arch not in ("auto", arch):
+        raise ValueError(f"model.arch={cfg.model.arch!r} cannot load {path}: checkpoint files are MONAI networks "
+                         "(monai_swinunetr, monai_unetr); medssl exports are folders")
+    torch.manual_seed(cfg.train.seed)
+    fs = None if arch == "monai_swinunetr" else cfg.model.feature_size  # Swin: its width is read from the weights
+    model, report = build_monai_model(arch, state, in_channels, out_channels, crop, feature_size=fs,
+                                      source=str(path), load=pretrained)
+    model.backbone_name, model.arch = arch, arch
+    return model, report, None, arch
+
+
+def _as3(v):
+    return [int(v)] * 3 if isinstance(v, (int, float)) else [int(x) for x in v]

@@ -1,0 +1,200 @@
+"""Segmentation networks around an exported backbone, built from the manifest's feature layout.
+
+* ViT-like backbones (every feature at one stride, the patch size) get a UNETR decoder made of MONAI's
+  UNETR blocks: the image through ``UnetrBasicBlock`` at full resolution, intermediate tokens lifted by
+  ``UnetrPrUpBlock`` to strides 2, 4, 8 …, the final tokens merged back up with ``UnetrUpBlock`` and a
+  ``UnetOutBlock`` head (Hatamizadeh et al. 2022; the Hi-End-MAE downstream network).
+* Multi-scale backbones (CNN, hybrid: strides that grow) get a UNet decoder of MONAI's ``UnetUpBlock``
+  from the deepest feature up, with a full-resolution stem block when the finest feature is strided.
+
+Nothing is looked up by layer name: the decoder reads ``feature_strides`` / ``feature_channels`` of the
+manifest (contract 2 of docs/DESIGN.md). Keys: ``backbone.*`` (from the export) and ``decoder.*`` (new).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+from torch import nn
+
+
+def stride_factors(stride: int) -> list[int]:
+    """Up-sampling steps from ``stride`` to 1, fine to coarse: 16 → [2, 2, 2, 2]; 12 → [2, 2, 3]."""
+    out, s = [], int(stride)
+    for p in (2, 3, 5, 7):
+        while s % p == 0 and s > 1:
+            out.append(p)
+            s //= p
+    if s != 1:
+        raise ValueError(f"feature stride {stride} has a prime factor above 7; the decoder up-samples in steps of 2-7")
+    return sorted(out)
+
+
+def _lift(in_ch: int, out_ch: int, factors: list[int], norm: str, res: bool) -> nn.Module:
+    """Tokens at stride prod(factors) → out_ch channels at stride 1 relative: UNETR's projection chain."""
+    from monai.networks.blocks import UnetrPrUpBlock
+
+    if len(set(factors)) == 1:  # UNETR's block: a transposed conv, then (transposed conv + conv block) × n-1
+        return UnetrPrUpBlock(3, in_ch, out_ch, num_layer=len(factors) - 1, kernel_size=3, stride=1,
+                              upsample_kernel_size=factors[0], norm_name=norm, conv_block=True, res_block=res)
+    steps = [UnetrPrUpBlock(3, in_ch if i == 0 else out_ch, out_ch, num_layer=0, kernel_size=3, stride=1,
+                            upsample_kernel_size=f, norm_name=norm) for i, f in enumerate(reversed(factors))]
+    return nn.Sequential(*steps)  # mixed factors (patch 12): one transposed conv per step
+
+
+class UNETRDecoder(nn.Module):
+    """UNETR's decoder for features that all sit at one stride (``len(factors)`` levels)."""
+
+    def __init__(self, in_channels: int, tap_channels: list[int], hidden: int, stride: int, out_channels: int,
+                 feature_size: int = 16, norm: str = "instance", res_block: bool = True):
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+
+        self.factors = stride_factors(stride)  # fine → coarse
+        n = len(self.factors)
+        if len(tap_channels) < n - 1:
+            raise ValueError(f"a UNETR decoder over stride {stride} needs {n - 1} intermediate features; the backbone "
+                             f"returns {len(tap_channels)} (raise its out_indices)")
+        # level k (stride prod(factors[:k])) has feature_size·2^k channels; level 0 is the image itself
+        ch = [feature_size * 2 ** k for k in range(n)]
+        self.tap_index = [round(i * (len(tap_channels) - 1) / max(n - 2, 1)) for i in range(n - 1)] if n > 1 else []
+        self.stem = UnetrBasicBlock(3, in_channels, ch[0], kernel_size=3, stride=1, norm_name=norm, res_block=res_block)
+        self.lifts = nn.ModuleList(_lift(tap_channels[self.tap_index[k - 1]], ch[k], self.factors[k:], norm, res_block)
+                                   for k in range(1, n))
+        self.ups = nn.ModuleList(UnetrUpBlock(3, hidden if k == n - 1 else ch[k + 1], ch[k], kernel_size=3,
+                                              upsample_kernel_size=self.factors[k], norm_name=norm, res_block=res_block)
+                                 for k in range(n))
+        self.head = UnetOutBlock(3, ch[0], out_channels)
+
+    def forward(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        taps, deep = feats[:-1], feats[-1]  # each [B, D, g0, g1, g2]
+        skips = [self.stem(x)] + [lift(taps[i]) for lift, i in zip(self.lifts, self.tap_index)]
+        y = deep
+        for k in reversed(range(len(self.ups))):
+            y = self.ups[k](y, skips[k])  # [B, ch[k], X / stride_k, …]
+        return self.head(y)  # [B, K, X, Y, Z]
+
+
+class UNetDecoder(nn.Module):
+    """A UNet decoder over multi-scale features (strides increasing), MONAI ``UnetUpBlock`` per level."""
+
+    def __init__(self, in_channels: int, channels: list[int], strides: list[int], out_channels: int,
+                 feature_size: int = 16, norm: str = "instance", res_block: bool = True):
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock
+        from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock, UnetUpBlock
+
+        if list(strides) != sorted(strides) or len(set(strides)) != len(strides):
+            raise ValueError(f"feature strides {strides} must increase for a UNet decoder")
+        block = UnetResBlock if res_block else UnetBasicBlock
+        self.has_stem = strides[0] > 1
+        self.chans = ([feature_size] if self.has_stem else []) + list(channels)
+        steps = ([1] if self.has_stem else []) + list(strides)
+        if self.has_stem:
+            self.stem = block(3, in_channels, feature_size, kernel_size=3, stride=1, norm_name=norm)
+        self.ups = nn.ModuleList()
+        for k in range(len(self.chans) - 1):
+            ratio = steps[k + 1] // steps[k]
+            if steps[k + 1] % steps[k]:
+                raise ValueError(f"feature strides {strides} must each divide the next")
+            self.ups.append(UnetUpBlock(3, self.chans[k + 1], self.chans[k], kernel_size=3, stride=1,
+                                        upsample_kernel_size=ratio, norm_name=norm))
+        self.head = UnetOutBlock(3, self.chans[0], out_channels)
+        self.final_stride = steps[0]
+
+    def forward(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        skips = ([self.stem(x)] if self.has_stem else []) + list(feats)
+        y = skips[-1]
+        for k in reversed(range(len(self.ups))):
+            y = self.ups[k](y, skips[k])
+        y = self.head(y)
+        if self.final_stride > 1:
+            y = nn.functional.interpolate(y, size=x.shape[2:], mode="trilinear", align_corners=False)
+        return y
+
+
+class SegmentationNet(nn.Module):
+    """Backbone + decoder; ``forward(x [B, C, X, Y, Z]) → logits [B, K, X, Y, Z]``."""
+
+    encoder_prefixes = ("backbone.",)
+
+    def __init__(self, backbone: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.backbone, self.decoder = backbone, decoder
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.backbone.forward_features(x)
+        if hasattr(self.backbone, "tokens_to_grid"):  # ViT tokens [B, prefix + L, D] → [B, D, g0, g1, g2]
+            feats = [self.backbone.tokens_to_grid(f) for f in feats]
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x, self.features(x))
+
+
+def make_decoder(backbone: nn.Module, arch: str, in_channels: int, out_channels: int, cfg) -> tuple[str, nn.Module]:
+    strides, chans = list(backbone.feature_strides), list(backbone.feature_channels)
+    if arch == "auto":
+        arch = "unetr" if len(set(strides)) == 1 else "unet"
+    m = cfg.model
+    if arch == "unetr":
+        if len(set(strides)) != 1:
+            raise ValueError(f"model.arch=unetr needs features at one stride; this backbone gives {strides} (use unet)")
+        return arch, UNETRDecoder(in_channels, chans[:-1], chans[-1], strides[0], out_channels, m.feature_size, m.norm,
+                                  m.res_block)
+    if arch == "unet":
+        return arch, UNetDecoder(in_channels, chans, strides, out_channels, m.feature_size, m.norm, m.res_block)
+    raise ValueError(f"model.arch={arch!r} does not fit a medssl backbone: choose auto, unetr or unet")
+
+
+def digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- optimisation
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a backbone parameter for layer-wise lr decay: stem 0, block i → i + 1, the rest on top."""
+    if re.match(r"(patch_embed|cls_token|pos_embed|stem|swinViT\.patch_embed|vit\.patch_embedding)", name):
+        return 0
+    m = re.search(r"(?:^|\.)(?:blocks|stages|layers)\.?(\d+)\.", name)
+    if m:
+        return min(int(m.group(1)) + 1, num_layers)
+    m = re.search(r"layers(\d+)\.", name)  # SwinUNETR's swinViT.layers1..4
+    if m:
+        return min(int(m.group(1)), num_layers)
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0, freeze_encoder: bool = False) -> list[dict]:
+    """AdamW groups: no decay on 1-D parameters (norms, biases) and tokens; the encoder's lr scaled by
+    ``layer_decay ** (depth - layer)``; frozen encoder parameters left out (requires_grad False)."""
+    prefixes = tuple(getattr(model, "encoder_prefixes", ()))
+    enc_names = [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+    ids = [layer_id(n[len(next(p for p in prefixes if n.startswith(p))):], 10**6) for n in enc_names]
+    finite = [i for i in ids if i < 10**6 + 1]
+    num_layers = max(finite) if finite else 0
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        encoder = name.startswith(prefixes)
+        if encoder and freeze_encoder:
+            p.requires_grad_(False)
+            continue
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if encoder and layer_decay < 1.0:
+            rel = name[len(next(q for q in prefixes if name.startswith(q))):]
+            lid = layer_id(rel, num_layers)
+            scale = layer_decay ** (num_layers + 1 - lid)
+        decay = 0.0 if (p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "position_embeddings"))) else weight_decay
+        g = groups.setdefault((scale, decay), {"params": [], "weight_decay": decay, "lr_scale": scale})
+        g["params"].append(p)
+    if not groups:
+        raise ValueError("no trainable parameters (model.freeze_encoder with an empty decoder?)")
+    return list(groups.values())

@@ -1,0 +1,210 @@
+"""The fine-tuning loop, on the same DeepSpeed engine as pretraining.
+
+prepare (checks every volume before any training) → split → build model + load report → DeepSpeed →
+``for step``: lr (warm-up + cosine, scaled per layer group) → crops → DiceCE → backward → step → log →
+every ``train.eval_every`` steps: sliding-window Dice on the validation volumes (spread over the
+processes), keep the best weights → test with the best weights: predictions in the original geometry,
+Dice per class, overlays → ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain import engine
+from pretrain.train import RunLog, lr_at
+
+
+def _log0(env):
+    return print if env.is_main else (lambda *a, **k: None)
+
+
+def _nanmean(values) -> float:
+    vals = [v for v in values if v == v]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def finetune(cfg, progress: bool = True) -> dict:
+    """Run one fine-tuning job (call on every process); returns the metrics rank 0 wrote."""
+    import deepspeed
+    from monai.losses import DiceCELoss
+    from tqdm import tqdm
+
+    from . import data as D
+    from .evaluate import dice_per_class, overlay_png, predict_probs, resample_to_original, write_nifti
+    from .loading import build
+    from .models import digest, param_groups
+
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    env = engine.init_distributed()
+    say = _log0(env)
+    run = Path(cfg.out)
+    t0 = time.time()
+
+    # ---- data: discover, split, prepare (all checks happen here, before any training) -----------------
+    manifest = None
+    if cfg.export and Path(cfg.export).is_dir():
+        from pretrain.export import read_manifest
+
+        manifest = read_manifest(cfg.export)
+    pre = D.preprocessing(manifest, cfg)
+    sources, declared = D.discover(cfg.dataset, cfg.data.labels)
+    split = D.split_cases([s.key for s in sources], cfg.data.n_val, cfg.data.test_fraction, cfg.data.n_train,
+                          cfg.data.split_seed)
+    by_key = {s.key: s for s in sources}
+    mine = lambda keys: keys[env.rank::env.world_size]  # noqa: E731 - evaluation volumes of this process
+    train_cases = D.prepare([by_key[k] for k in split["train"]], pre, declared, progress and env.is_main, "prepare train")
+    val_cases = D.prepare([by_key[k] for k in mine(split["val"])], pre, declared, False)
+    test_cases = D.prepare([by_key[k] for k in mine(split["test"])], pre, declared, progress and env.is_main,
+                           "prepare test")
+    found = sorted(set().union(*(set(np.unique(c.label).tolist()) for c in train_cases)))
+    classes = declared or {0: "background", **{int(v): f"class{int(v)}" for v in found if v}}
+    n_classes = max(classes) + 1
+    in_ch = cfg.model.in_channels or int(train_cases[0].image.shape[0])
+    if env.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.dump(run / "config.yaml")
+        (run / "split.json").write_text(json.dumps(split, indent=1))
+    say(f"data: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test volumes of "
+        f"{cfg.dataset}; {n_classes - 1} foreground classes ({', '.join(f'{k} {v}' for k, v in classes.items() if k)}); "
+        f"spacing {pre.spacing or 'native'} mm, CT window {list(pre.window.ct)} -> {list(pre.window.out)}")
+
+    # ---- model -----------------------------------------------------------------------------------------
+    model, report, _, arch = build(cfg, in_ch, n_classes, log=say)
+    decoder_digest = digest(model.decoder) if hasattr(model, "decoder") else None
+    say(f"model: {getattr(model, 'backbone_name', arch)} + {arch} decoder, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; init {cfg.init}\n{report.summary()}")
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.model.layer_decay, cfg.model.freeze_encoder)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    ds_config = engine.deepspeed_config(cfg, env.world_size, env.device)
+    eng, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    prec = engine.precision(cfg, env.device)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6,
+                         lambda_dice=cfg.loss.dice_weight, lambda_ce=cfg.loss.ce_weight)
+
+    sampler = D.CropSampler(train_cases, pre.window, cfg, cfg.train.micro_batch, cfg.train.seed, env.rank)
+    loader = torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=cfg.data.num_workers,
+                                         persistent_workers=cfg.data.num_workers > 0)
+    batches = iter(loader)
+    log = RunLog(cfg, run, env.is_main)
+    bar = tqdm(total=cfg.train.steps, disable=not (env.is_main and progress), unit="step",
+               desc=f"finetune {cfg.init}", dynamic_ncols=True)
+
+    def validate(step: int) -> float:
+        scores = {}
+        for c in val_cases:
+            probs = predict_probs(eng.module, c.normalised(pre.window), cfg, env.device, autocast)
+            scores[c.key] = dice_per_class(probs.argmax(0).numpy(), c.label, n_classes)["dice"]
+        merged = {k: v for part in engine.all_gather_object(scores) for k, v in part.items()}
+        return _nanmean(_nanmean(d.values()) for d in merged.values()) if merged else float("nan")
+
+    best = {"dice": -1.0, "step": 0}
+    best_state = None
+    history = []
+    global_batch = engine.check_batch(cfg, env.world_size)
+    t_train = time.time()
+    for step in range(1, cfg.train.steps + 1):
+        lr = lr_at(step - 1, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        losses = []
+        for _ in range(cfg.train.grad_accum):
+            b = next(batches)
+            x, y = b["image"].to(env.device), b["label"].to(env.device)
+            with autocast:
+                logits = eng(x)
+            loss = loss_fn(logits.float(), y)
+            eng.backward(loss)
+            eng.step()
+            losses.append(float(loss.detach()))
+        bar.update(1)
+        record = None
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            record = {"step": step, "lr": lr, "loss": float(np.mean(losses)),
+                      "steps_per_s": step / max(time.time() - t_train, 1e-9)}
+        if split["val"] and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+            score = validate(step)
+            history.append({"step": step, "val_dice": score})
+            record = {**(record or {"step": step}), "val_dice": score}
+            if score > best["dice"] or best_state is None:
+                best = {"dice": score, "step": step}
+                best_state = {k: v.detach().float().cpu().clone() for k, v in eng.module.state_dict().items()}
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val=f"{score:.3f}", best=f"{best['dice']:.3f}@{best['step']}")
+        if record is not None:
+            log.write(record)
+    bar.close()
+    train_s = time.time() - t_train
+    if best_state is None:  # no validation volumes: the last weights
+        best = {"dice": float("nan"), "step": cfg.train.steps}
+        best_state = {k: v.detach().float().cpu().clone() for k, v in eng.module.state_dict().items()}
+    eng.module.load_state_dict(best_state)
+    if env.is_main:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in best_state.items()}, str(run / "model_best.safetensors"),
+                  metadata={"step": str(best["step"]), "val_dice": str(best["dice"])})
+
+    # ---- test: original geometry, Dice per class, overlays ------------------------------------------
+    t_test = time.time()
+    results = {}
+    for c in test_cases:
+        img = c.normalised(pre.window)
+        probs = predict_probs(eng.module, img, cfg, env.device, autocast)
+        pred = probs.argmax(0).numpy().astype(np.uint8)
+        res = {"grid": dice_per_class(pred, c.label, n_classes, c.meta["spacing"], cfg.eval.hd95)}
+        orig = c.meta["original"]
+        pred_o = resample_to_original(probs, c.meta["affine"], orig["affine"], orig["shape"])
+        ref = c.source.images[0] if c.source.images else None
+        out_path = run / "predictions" / f"{c.key}.nii.gz"
+        write_nifti(pred_o, orig["affine"], out_path, reference=ref)
+        res["prediction"] = str(out_path)
+        if c.source.label is not None:
+            import nibabel as nib
+
+            truth_o = np.rint(np.asanyarray(nib.load(c.source.label).dataobj)).astype(np.uint8)
+            res["original"] = dice_per_class(pred_o, truth_o, n_classes, orig["spacing"], cfg.eval.hd95)
+        if cfg.eval.overlays:
+            res["overlay"] = str(run / "overlays" / f"{c.key}.png")
+            overlay_png(img[0], c.label, pred, Path(res["overlay"]), f"{c.key} — {cfg.init} "
+                        f"(Dice {_nanmean(res['grid']['dice'].values()):.3f})", n_classes, cfg.eval.overlays)
+        results[c.key] = res
+    results = {k: v for part in engine.all_gather_object(results) for k, v in part.items()}
+    test_s = time.time() - t_test
+
+    metrics = {}
+    if env.is_main:
+        space = "original" if all("original" in r for r in results.values()) else "grid"
+        per_class = {classes.get(c, f"class{c}"): _nanmean(r[space]["dice"][c] for r in results.values())
+                     for c in range(1, n_classes)}
+        metrics = {
+            "init": cfg.init, "export": cfg.export, "arch": arch, "dataset": cfg.dataset,
+            "dice_space": space, "mean_dice": _nanmean(per_class.values()), "dice": per_class,
+            "cases": {k: {"dice": {classes.get(c, str(c)): v for c, v in r[space]["dice"].items()},
+                          "dice_grid": {classes.get(c, str(c)): v for c, v in r["grid"]["dice"].items()},
+                          **({"hd95": {classes.get(c, str(c)): v for c, v in r[space]["hd95"].items()}}
+                             if "hd95" in r[space] else {}),
+                          "prediction": r["prediction"], "overlay": r.get("overlay")} for k, r in sorted(results.items())},
+            "best": best, "val_history": history, "split": split, "classes": classes,
+            "seeds": {"train": cfg.train.seed, "split": cfg.data.split_seed}, "decoder_init_digest": decoder_digest,
+            "load_report": report.to_dict(), "preprocessing": pre.to_dict(),
+            "steps": cfg.train.steps, "global_batch": global_batch, "world_size": env.world_size,
+            "train_seconds": train_s, "train_steps_per_s": cfg.train.steps / max(train_s, 1e-9),
+            "test_seconds": test_s, "test_volumes_per_s": len(results) / max(test_s, 1e-9),
+            "total_seconds": time.time() - t0, "config_hash": cfg.hash(),
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        say(f"test Dice ({space} space, {len(results)} volumes): mean {metrics['mean_dice']:.4f} — "
+            + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items())
+            + f"; best validation {best['dice']:.4f} at step {best['step']}; {run / 'metrics.json'}")
+    log.close()
+    engine.barrier()
+    sys.stdout.flush()
+    return metrics
