@@ -164,14 +164,19 @@ def check_label(path: str, values, declared: dict[int, str]) -> None:
                          "declare them in dataset.json 'labels' (or data.labels), or remap the label file")
 
 
-def prepare_case(src: CaseSource, pre: Preprocessing, declared: dict[int, str]) -> Case:
-    """Load, check and bring one case to the pretraining geometry (raises ``InputError`` naming the file)."""
+def prepare_case(src: CaseSource, pre: Preprocessing, declared: dict[int, str], sample=None) -> Case:
+    """Load, check and bring one case to the pretraining geometry (raises ``InputError`` naming the file).
+
+    ``sample`` is the decoded ``(image, label, meta)`` of a shard case (read by :func:`prepare` in one pass)."""
     if src.shard is not None:
-        image, label, meta = _read_shard_sample(*src.shard)
+        image, label, meta = sample if sample is not None else _read_shard_samples(src.shard[0], [src.key])[src.key]
         if label is None:
             raise InputError(f"{src.shard[0]}:{src.key}", "shard sample has no label (.seg member)",
                              "build the shard set from a labelled dataset (labelsTr/ or a CSV label column)")
         label = label[0]
+        origin = meta.get("source") or {}
+        if origin.get("label") and Path(origin["label"]).exists():  # score in the original space when we can
+            src.label, src.images = origin["label"], [p for p in origin.get("images", []) if Path(p).exists()] or None
     else:
         from shards.preprocess import prepare_volume
 
@@ -182,25 +187,33 @@ def prepare_case(src: CaseSource, pre: Preprocessing, declared: dict[int, str]) 
     return Case(src.key, image, label, meta, src, fg)
 
 
-def _read_shard_sample(root: str, key: str):
+def _read_shard_samples(root: str, keys: list[str]) -> dict:
+    """Decode the samples ``keys`` of a shard set in one pass over its shards."""
     from shards.format import decode_sample
     from shards.verify import iter_tar, load_index
 
-    index = load_index(root)
-    for shard in index["shards"]:
+    wanted, found = set(keys), {}
+    for shard in load_index(root)["shards"]:
         for sample in iter_tar(Path(root) / shard["name"], on_error=lambda msg: None):
-            if sample.get("__key__") == key:
-                return decode_sample(sample)
-    raise InputError(f"{root}:{key}", "sample listed in samples.jsonl but not found in any shard",
-                     "run python -m shards verify on the set")
+            if sample.get("__key__") in wanted:
+                found[sample["__key__"]] = decode_sample(sample)
+        if len(found) == len(wanted):
+            break
+    for key in wanted - set(found):
+        raise InputError(f"{root}:{key}", "sample listed in samples.jsonl but not found in any shard",
+                         "run python -m shards verify on the set")
+    return found
 
 
 def prepare(sources: list[CaseSource], pre: Preprocessing, declared: dict[int, str], progress: bool = True,
             desc: str = "prepare") -> list[Case]:
     from tqdm import tqdm
 
-    return [prepare_case(s, pre, declared) for s in tqdm(sources, desc=desc, unit="vol", disable=not progress,
-                                                         dynamic_ncols=True)]
+    decoded: dict = {}
+    for root in sorted({s.shard[0] for s in sources if s.shard is not None}):
+        decoded.update(_read_shard_samples(root, [s.key for s in sources if s.shard and s.shard[0] == root]))
+    return [prepare_case(s, pre, declared, decoded.get(s.key)) for s in tqdm(sources, desc=desc, unit="vol",
+                                                                             disable=not progress, dynamic_ncols=True)]
 
 
 # ----------------------------------------------------------------------------------------- crops
