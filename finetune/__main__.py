@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
                     "Run it twice, with the default --init pretrained and with --init scratch (same split, same\n"
                     "seeds, same decoder init), then `python -m finetune report RUN_A RUN_B --out report.md`.\n"
                     "Defaults follow the official UNETR/Hi-End-MAE downstream setting; --preset tiny is CPU-sized.",
-        epilog="example: python -m finetune --export demo/runs/hi_end_mae_tiny/export --data demo/raw/Dataset902_PhantomCTft "
+        epilog="example: python -m finetune --export demo/runs/hi_end_mae_tiny/export --data demo/raw/Dataset902_PhantomCTLabelled "
                "--out demo/ft/pretrained --preset tiny --n-train 4 optim.lr=5e-4")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 model.freeze_encoder=true "
                                                 "model.layer_decay=0.75 data.crop_size=[96,96,96]")

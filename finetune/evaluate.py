@@ -33,8 +33,12 @@ def predict_probs(model, image: np.ndarray, cfg, device: torch.device, autocast)
 def dice_per_class(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, n_classes: int,
                    spacing=None, hd95: bool = False) -> dict:
     """``{"dice": {c: value}, "hd95": {c: value}}`` for the foreground classes 1..K-1 of two label maps."""
+    import warnings
+
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
+
+    warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)  # MONAI-internal
 
     p = torch.as_tensor(np.asarray(pred), dtype=torch.long)[None, None]  # [1, 1, X, Y, Z]
     t = torch.as_tensor(np.asarray(truth), dtype=torch.long)[None, None]

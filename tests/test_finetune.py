@@ -360,3 +360,14 @@ def test_monai_checkpoint_file_through_the_harness(tmp_path):
     assert model(torch.randn(1, 2, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
     scratch, rep, _, _ = build(_cfg(path, init="scratch"), in_channels=2, out_channels=4)
     assert not rep.loaded and scratch.vit.blocks[1].mlp.linear1.weight.shape == (192, 96), "sizes from the file"
+
+
+def test_csv_of_image_label_pairs(phantoms, tmp_path):
+    rows = ["path,label,modality"] + [f"{p},{phantoms / 'labelsTr' / p.name.replace('_0000', '')},CT"
+                                      for p in sorted((phantoms / "imagesTr").glob("*.nii.gz"))[:3]]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    sources, declared = D.discover(tmp_path / "pairs.csv")
+    assert len(sources) == 3 and all(s.label and s.images for s in sources) and declared == {}
+    (tmp_path / "bad.csv").write_text("path,modality\n" + rows[1].split(",")[0] + ",CT\n")
+    with pytest.raises(InputError, match="no label"):
+        D.discover(tmp_path / "bad.csv")
