@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_step import median_time  # noqa: E402 - one timing rule for every bench script
 
 
 def build(model_name: str, crop: int, feature_size: int, device: torch.device):
@@ -34,21 +34,6 @@ def build(model_name: str, crop: int, feature_size: int, device: torch.device):
     cfg = load_config([f"data.crop_size=[{crop},{crop},{crop}]", f"model.feature_size={feature_size}"])
     bb = build_backbone(model_name, img_size=[crop] * 3)
     return SegmentationNet(bb, make_decoder(bb, "auto", 1, 7, cfg)[1]).to(device), cfg
-
-
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def bench(model_name, crop, feature_size, batch, volume, overlap, sw_batch, precision, steps, warmup, device) -> dict:
@@ -73,9 +58,9 @@ def bench(model_name, crop, feature_size, batch, volume, overlap, sw_batch, prec
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step_s = timed(step, steps, warmup, device)
+    step_s = median_time(step, steps, warmup, device)
     vol = torch.rand(1, *volume).numpy()  # [C, X, Y, Z]
-    infer_s = timed(lambda: predict_probs(model, vol, cfg, device, amp), max(1, steps // 2), 1, device)
+    infer_s = median_time(lambda: predict_probs(model, vol, cfg, device, amp), max(1, steps // 2), 1, device)
     return {"model": model_name, "crop": crop, "feature_size": feature_size, "batch": batch, "precision": precision,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_s": step_s, "steps_per_s": 1 / step_s,
             "crops_per_s": batch / step_s, "volume": "x".join(map(str, volume)), "overlap": overlap,

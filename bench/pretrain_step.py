@@ -27,6 +27,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``steps`` runs after ``warmup`` runs (synchronised on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def bench(model_name: str, crop: int, batch: int, precision: str, steps: int, warmup: int, device: torch.device) -> dict:
     from pretrain.backbones import build_backbone
     from pretrain.config import task_class
@@ -52,18 +68,7 @@ def bench(model_name: str, crop: int, batch: int, precision: str, steps: int, wa
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
+    med = median_time(step, steps, warmup, device)
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"model": model_name, "crop": crop, "batch": batch, "precision": precision,

@@ -53,10 +53,9 @@ def _report_main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for a in [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]:
-        argv.remove(a)
-        os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+    from pretrain.engine import strip_launcher_args
+
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] == "report":
         return _report_main(argv[1:])
     args = _parser().parse_intermixed_args(argv)

@@ -11,15 +11,9 @@ fine-tuning sees what pretraining saw; ``data.spacing`` / ``data.window_ct`` ove
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
-from pretrain.config import ConfigError, merge, parse_override, set_dotted
+from pretrain.config import ConfigError, ConfigIO, merge, parse_override, set_dotted
 
 
 @dataclass
@@ -96,7 +90,7 @@ class FTLossConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ConfigIO):
     out: str = ""
     export: str | None = None  # export folder or checkpoint file
     init: str = "pretrained"  # pretrained | scratch
@@ -108,16 +102,6 @@ class FinetuneConfig:
     eval: FTEvalConfig = field(default_factory=FTEvalConfig)
     loss: FTLossConfig = field(default_factory=FTLossConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def hash(self) -> str:
-        d = self.to_dict()
-        d.pop("out", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-    def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 PRESETS: dict[str, dict] = {

@@ -68,11 +68,9 @@ def resolve(args) -> tuple:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # the deepspeed launcher passes --local_rank=N first; the rank variables it also sets are what we read
-    for a in [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]:
-        argv.remove(a)
-        os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+    from pretrain.engine import strip_launcher_args
+
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] == "export":
         p = argparse.ArgumentParser(prog="python -m pretrain export",
                                     description="Consolidate a run's checkpoint (ZeRO shards) to fp32 and write "

@@ -73,8 +73,24 @@ class TrainConfig:
     wandb_project: str = "medssl"
 
 
+class ConfigIO:
+    """What every resolved config offers: a dict, a hash (without the output folder), a YAML dump."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """sha256 of the resolved config (without the output folder), recorded in exports and metrics."""
+        d = self.to_dict()
+        d.pop("out", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
 @dataclass
-class RunConfig:
+class RunConfig(ConfigIO):
     recipe: str = ""
     out: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -83,17 +99,6 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def hash(self) -> str:
-        """sha256 of the resolved config (without the output folder), recorded in exports."""
-        d = self.to_dict()
-        d.pop("out", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-    def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------- merging

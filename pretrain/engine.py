@@ -35,6 +35,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher passes ``--local_rank=N``; the rank variables it also sets are what we read."""
+    for a in [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]:
+        argv.remove(a)
+        os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+    return argv
+
+
 def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
