@@ -18,7 +18,8 @@ from pretrain.config import ConfigError, ConfigIO, merge, parse_override, set_do
 
 @dataclass
 class FTModelConfig:
-    arch: str = "auto"  # auto: from the export (unetr for ViTs, unet for multi-scale CNNs) | unetr | unet |
+    arch: str = "auto"  # auto: the export's pretrained decoder if it carries one (Volume Fusion), else unetr for
+    #                     ViTs / unet for multi-scale CNNs | unetr | unet |
     #                     monai_swinunetr | monai_unetr (MONAI networks for MONAI self-supervised weights)
     backbone: str = ""  # registry name; only for `--init scratch` without an export
     feature_size: int = 16  # UNETR's feature_size (decoder widths feature_size × 1, 2, 4, 8) [Hi-End-MAE downstream]

@@ -63,18 +63,32 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(name, **kwargs)
     torch.manual_seed(cfg.train.seed + 1)  # the decoder's init depends on the seed only, not on the backbone
-    arch, decoder = make_decoder(backbone, cfg.model.arch, in_channels, out_channels, cfg)
-    model = SegmentationNet(backbone, decoder)
+    component = ((manifest or {}).get("components") or {}).get("decoder")
+    if component and cfg.model.arch in ("auto", "pretrained"):  # the export's own decoder (e.g. Volume Fusion)
+        from pretrain.registry import DECODERS
+
+        arch = component["registry"]
+        decoder = DECODERS.build(arch, **{**component["kwargs"], "out_channels": out_channels})
+        model = SegmentationNet(backbone, decoder, takes_image=False)
+    else:
+        arch, decoder = make_decoder(backbone, "auto" if cfg.model.arch == "pretrained" else cfg.model.arch,
+                                     in_channels, out_channels, cfg)
+        model = SegmentationNet(backbone, decoder)
+        component = None
     model.backbone_name, model.arch = name, arch
     dec_keys = [f"decoder.{k}" for k in decoder.state_dict()]
     bb_keys = [f"backbone.{k}" for k in backbone.state_dict()]
     if not pretrained:
         return model, _report(f"scratch ({name})", [], bb_keys + dec_keys, notes=notes), manifest, arch
-    from pretrain.export import adapt_in_channels, diff_report, format_report, load_state
+    from pretrain.export import STEM_KEYS, adapt_in_channels, diff_report, format_report, load_state
+
+    loaded_decoder: list[str] = []
+    if component:
+        loaded_decoder = _load_component(export, component, decoder, notes)
 
     state = load_state(export, manifest)
     if in_channels != trained_chans:
-        for key in [k for k in state if k.endswith("patch_embed.proj.weight")]:
+        for key in [k for k in state if k.endswith(STEM_KEYS)]:
             state[key] = adapt_in_channels(state[key], in_channels)
         notes.append(f"stem repeated from {trained_chans} to {in_channels} input channel(s)")
     missing, unexpected, shaped = diff_report(backbone, state)
@@ -82,7 +96,31 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
         raise ExportError(f"{export}: the weights do not fit {name}:\n{format_report(missing, unexpected, shaped)}\n"
                           "(re-export the run, or pass the export that matches this manifest)")
     backbone.load_state_dict(state, strict=True)
-    return model, _report(str(export), bb_keys, dec_keys, notes=notes), manifest, arch
+    new = [k for k in dec_keys if k not in loaded_decoder]
+    return model, _report(str(export), bb_keys + loaded_decoder, new, notes=notes), manifest, arch
+
+
+def _load_component(export: Path, component: dict, module: torch.nn.Module, notes: list) -> list[str]:
+    """Load a pretrained decoder: every key but its class head (re-initialised for the new classes) must fit."""
+    from safetensors.torch import load_file
+
+    from pretrain.export import diff_report, format_report
+    from shards.verify import sha256_file
+
+    path = export / component["file"]
+    if not path.exists() or sha256_file(path) != component["sha256"]:
+        raise ExportError(f"{path}: missing, or its sha256 differs from {export / 'manifest.json'} (re-export the run)")
+    head = component.get("head", "head.")
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(head)}
+    missing, unexpected, shaped = diff_report(module, state)
+    missing = [k for k in missing if not k.startswith(head)]
+    if missing or unexpected or shaped:
+        raise ExportError(f"{path}: the decoder weights do not fit {component['registry']}:\n"
+                          f"{format_report(missing, unexpected, shaped)}")
+    module.load_state_dict(state, strict=False)  # every key but the head checked above
+    notes.append(f"pretrained decoder {component['registry']} loaded ({len(state)} tensors); class head "
+                 f"{head}* re-initialised for {module.out_channels if hasattr(module, 'out_channels') else '?'} classes")
+    return [f"decoder.{k}" for k in state]
 
 
 def _build_monai(cfg, path: Path, in_channels: int, out_channels: int, crop, pretrained: bool):

@@ -120,9 +120,10 @@ class SegmentationNet(nn.Module):
 
     encoder_prefixes = ("backbone.",)
 
-    def __init__(self, backbone: nn.Module, decoder: nn.Module):
+    def __init__(self, backbone: nn.Module, decoder: nn.Module, takes_image: bool = True):
         super().__init__()
         self.backbone, self.decoder = backbone, decoder
+        self.takes_image = takes_image  # harness decoders read the image too; pretrained (registered) ones do not
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.backbone.forward_features(x)
@@ -131,7 +132,7 @@ class SegmentationNet(nn.Module):
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x, self.features(x))
+        return self.decoder(x, self.features(x)) if self.takes_image else self.decoder(self.features(x))
 
 
 def make_decoder(backbone: nn.Module, arch: str, in_channels: int, out_channels: int, cfg) -> tuple[str, nn.Module]:

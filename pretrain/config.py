@@ -54,6 +54,10 @@ class OptimConfig:
     warmup_fraction: float = 0.01  # of train.steps, linear from 0
     min_lr: float = 0.0  # cosine floor
     grad_clip: float = 0.0  # 0 = off (the official Hi-End-MAE trainer does not clip)
+    optimizer: str = "adamw"  # adamw (decoupled decay) | adam (L2 decay added to the gradient, as PyMIC's Adam)
+    schedule: str = "cosine"  # cosine: warm-up then cosine to min_lr | step: warm-up then x step_gamma every step_every
+    step_every: int = 20_000
+    step_gamma: float = 0.5
 
 
 @dataclass

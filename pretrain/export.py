@@ -20,6 +20,7 @@ from shards.verify import sha256_file
 FORMAT_VERSION = 1
 BACKBONE_FILE = "backbone.safetensors"
 MANIFEST_FILE = "manifest.json"
+STEM_KEYS = ("patch_embed.proj.weight", "stem.weight")  # first convolutions: [D, C, k, k, k], adapted to other C
 
 
 class ExportError(ValueError):
@@ -52,6 +53,23 @@ def write_export(out: str | Path, backbone_name: str, backbone: nn.Module, state
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=False, default=str))
     return out
+
+
+def write_component(out: Path, name: str, module: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """Write a pretrained part beside the backbone (e.g. Volume Fusion's decoder) as ``<name>.safetensors``;
+    returns its manifest entry: registry name and kwargs to rebuild it, the class-head prefix that
+    fine-tuning re-initialises, sha256."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not state:
+        raise ExportError(f"the checkpoint holds no '{name}.' keys for the {name} component")
+    path = out / f"{name}.safetensors"
+    save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}, str(path),
+              metadata={"format": "medssl", "version": str(FORMAT_VERSION), "component": name})
+    return {"file": path.name, "registry": getattr(module, "registry_name", type(module).__name__),
+            "kwargs": dict(module.config), "head": getattr(module, "head_prefix", "head."),
+            "sha256": sha256_file(path), "keys": len(state)}
 
 
 def preprocessing_from(cfg) -> dict:
@@ -97,9 +115,18 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     if not backbone_state:
         raise ExportError(f"checkpoint {ckpt_dir / tag} holds no 'backbone.' keys; is it a medssl run?")
     complete = json.loads((ckpt_dir / tag / "complete.json").read_text())
+    from .config import task_class
+
     with torch.device("meta"):
         backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
-    dest = write_export(out or run_dir / "export", cfg.model.backbone, backbone, backbone_state, {
+        task = task_class(cfg.recipe)(backbone, cfg.task)
+    dest = Path(out or run_dir / "export")
+    components = {}
+    for name, module in (task.export_components() if hasattr(task, "export_components") else {}).items():
+        comp_state = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")}
+        components[name] = write_component(dest, name, module, comp_state)
+    dest = write_export(dest, cfg.model.backbone, backbone, backbone_state, {
+        **({"components": components} if components else {}),
         "recipe": cfg.recipe,
         "step": complete["step"],
         "samples_seen": complete["samples"],
@@ -108,7 +135,8 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
         "preprocessing": preprocessing_from(cfg),
         "source": {"run_dir": str(run_dir.resolve()), "checkpoint": tag},
     })
-    log(f"exported {len(backbone_state)} backbone tensors from {ckpt_dir / tag} to {dest}")
+    log(f"exported {len(backbone_state)} backbone tensors" + "".join(f" + {c['keys']} {n} tensors" for n, c in components.items())
+        + f" from {ckpt_dir / tag} to {dest}")
     return dest
 
 
@@ -184,7 +212,7 @@ def load_backbone(export_dir: str | Path, img_size=None, in_chans: int | None = 
         kwargs["img_size"] = img_size
     state = load_state(export_dir, manifest)
     if in_chans is not None and in_chans != kwargs.get("in_chans", 1):
-        for key in [k for k in state if k.endswith("patch_embed.proj.weight")]:
+        for key in [k for k in state if k.endswith(STEM_KEYS)]:
             state[key] = adapt_in_channels(state[key], in_chans)
         kwargs["in_chans"] = in_chans
     model = build_backbone(manifest["backbone"]["name"], **kwargs)

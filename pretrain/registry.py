@@ -44,3 +44,4 @@ class Registry:
 
 BACKBONES = Registry("backbone")
 TASKS = Registry("pretext task")
+DECODERS = Registry("decoder")

@@ -22,13 +22,27 @@ from .config import RunConfig
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup from 0, then cosine to ``min_lr`` at the last step (updated every step)."""
+    """Linear warmup from 0, then cosine to ``min_lr`` at the last step, or (``optim.schedule=step``)
+    ``lr × step_gamma^⌊step / step_every⌋`` (updated every step)."""
     o, total = cfg.optim, max(1, cfg.train.steps)
     warmup = int(round(o.warmup_fraction * total))
     if warmup and step < warmup:
         return o.lr * (step + 1) / warmup
+    if getattr(o, "schedule", "cosine") == "step":
+        return o.lr * o.step_gamma ** (step // max(1, o.step_every))
     progress = (step - warmup) / max(1, total - warmup)
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """A torch optimizer (DeepSpeed's fused ones need a JIT build on CPU): AdamW, or Adam with L2 decay."""
+    o = cfg.optim
+    if o.optimizer not in ("adamw", "adam"):
+        raise ValueError(f"optim.optimizer={o.optimizer!r}: choose adamw or adam")
+    if o.schedule not in ("cosine", "step"):
+        raise ValueError(f"optim.schedule={o.schedule!r}: choose cosine or step")
+    cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=tuple(o.betas))
 
 
 class RunLog:
@@ -106,8 +120,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     torch.manual_seed(cfg.train.seed + env.rank)
 
     task = build_task(cfg)
-    optimizer = torch.optim.AdamW(task.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas))
+    optimizer = make_optimizer(task.param_groups(cfg.optim.weight_decay), cfg)
     ds_config = engine.deepspeed_config(cfg, env.world_size, env.device, ds_user)
     eng, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
 
