@@ -15,7 +15,6 @@ batch of 2 crops from cached volumes on this class of CPU (measured with the cro
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_step import median_time  # noqa: E402 - one timing rule for every bench script
+from pretrain_step import device_and_name, median_time  # noqa: E402 - one timing rule for every bench script
 
 
 def build(model_name: str, crop: int, feature_size: int, device: torch.device):
@@ -80,8 +79,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    device, where = device_and_name()
     print(f"# bench/finetune.py on {where}; torch {torch.__version__}; volume {a.volume}, overlap {a.overlap}")
     print("| model | crop | feature_size | batch | precision | params (M) | step s (median) | steps/s | crops/s "
           "| sliding window s/volume | volumes/s |")

@@ -27,6 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def device_and_name() -> tuple[torch.device, str]:
+    """The GPU when there is one, else the CPU; and words for the table header."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.cuda.get_device_name()
+    return torch.device("cpu"), f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
     """Median wall time of ``fn()`` over ``steps`` runs after ``warmup`` runs (synchronised on a GPU)."""
     for _ in range(warmup):
@@ -87,10 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (H100 SXM bf16 dense: 989)")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, name = device_and_name()
     prec = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     pick = lambda xs, i: xs[i] if len(xs) > i else xs[-1]  # noqa: E731
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
     print("| model | crop | batch | precision | params (M) | step s (median) | samples/s | GFLOP/sample | TFLOP/s | MFU | peak memory MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -53,8 +53,8 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
     notes = []
     trained_chans = int(kwargs.get("in_chans", 1))
     if "img_size" in kwargs and tuple(_as3(kwargs["img_size"])) != crop:
-        notes.append(f"backbone built for {list(crop)} crops (pretrained on {list(_as3(kwargs['img_size']))}; "
-                     "fixed sin-cos position embeddings follow the grid)")
+        notes.append(f"backbone built for {list(crop)} crops (pretrained on {list(_as3(kwargs['img_size']))}"
+                     + ("; fixed sin-cos position embeddings follow the grid)" if "patch_size" in kwargs else ")"))
     if "img_size" in kwargs or export is None:
         kwargs["img_size"] = list(crop)
     kwargs["in_chans"] = in_channels

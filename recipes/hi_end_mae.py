@@ -291,13 +291,7 @@ class HiEndMAE(nn.Module):
             vols = {k: self.unpatchify(v)[:, 0, :, :, z].cpu().numpy() for k, v in cols.items()}  # [n, X, Y] each
         finally:
             self.train(was_training)
-        rgb = _draw(vols)
-        if path is not None:
-            import matplotlib.image
-
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            matplotlib.image.imsave(str(path), rgb)
-        return rgb
+        return _draw(vols, path)
 
     # ------------------------------------------------------------------------------ engine hooks
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -316,27 +310,19 @@ class HiEndMAE(nn.Module):
         return {"crop_size": tuple(self.backbone.img_size)}
 
 
-def _draw(vols: dict[str, np.ndarray]) -> np.ndarray:
-    """Rows = samples, columns = ``vols``' keys; masked voxels (NaN) in a grey-blue. Returns RGB uint8."""
+def _draw(vols: dict[str, np.ndarray], path=None) -> np.ndarray:
+    """Rows = samples, columns = ``vols``' keys; masked voxels (NaN) in a grey-blue; one grey range per row
+    (the input's) except for the normalised target. Returns RGB uint8."""
     import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    n = next(iter(vols.values())).shape[0]
-    fig = Figure(figsize=(2.2 * len(vols), 2.2 * n), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    axes = fig.subplots(n, len(vols), squeeze=False)
+    from pretrain.pictures import draw_grid
+
     cmap = matplotlib.colormaps["gray"].with_extremes(bad=(0.45, 0.45, 0.6))
-    for r in range(n):
+
+    def style(title: str, r: int) -> dict:
+        if title == "target":
+            return {"cmap": cmap}
         lo, hi = float(np.nanmin(vols["input"][r])), float(np.nanmax(vols["input"][r]))
-        for c, (title, v) in enumerate(vols.items()):
-            ax = axes[r, c]
-            scale = {} if title == "target" else {"vmin": lo, "vmax": hi if hi > lo else lo + 1}
-            ax.imshow(v[r].T, cmap=cmap, origin="lower", interpolation="nearest", **scale)  # x → right, y → up
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # [H, W, 3] uint8
+        return {"cmap": cmap, "vmin": lo, "vmax": hi if hi > lo else lo + 1}
+
+    return draw_grid(vols, style, path)

@@ -10,6 +10,17 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread avoids thread hand-off costs on small CPUs (restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """Six small CT phantoms (nnU-Net v2 layout), mixed RAS/LPS affines and anisotropic spacing."""

@@ -28,13 +28,7 @@ IMG = (32, 32, 32)  # UNETR input
 SWIN_IMG = (64, 64, 64)  # SwinUNETR input: its 32x-downsampled bottleneck needs more than one voxel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread avoids thread hand-off costs on small CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class SSLHeadLike(nn.Module):

@@ -17,12 +17,7 @@ from pretrain.registry import DECODERS
 SIZES = {"resenc3d": ([32, 64, 128, 256, 512], 2), "resenc3d_tiny": ([8, 16, 32, 64, 128], 1)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def unet_pair(out_channels=5, **kw):
