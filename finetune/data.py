@@ -67,7 +67,7 @@ def preprocessing(manifest: dict | None, cfg) -> Preprocessing:
     if spacing is not None:
         from shards.preprocess import parse_spacing
 
-        spacing = parse_spacing(spacing if not isinstance(spacing, str) else spacing)
+        spacing = parse_spacing(spacing)
     ct = pre.get("intensity", {}).get("CT", {})
     window_ct = cfg.data.window_ct or ct.get("window") or [-175.0, 250.0]
     window_out = cfg.data.window_out or ct.get("out") or [0.0, 1.0]
@@ -236,9 +236,9 @@ class CropSampler(torch.utils.data.IterableDataset):
         pending: list[tuple[np.ndarray, np.ndarray]] = []
         while True:
             case = self.cases[rng.integers(len(self.cases))]
-            img = case.normalised(self.window)  # [C, X, Y, Z] float32
             lab = case.label[None]  # [1, X, Y, Z]
-            img, lab, shift = _pad(img, lab, crop, float(self.window.out[0]))
+            # crop the stored volume and window only the crops; the padding is the value the window maps to out[0]
+            img, lab, shift = _pad(case.image, lab, crop, self.window.bounds(case.meta)[0])
             for _ in range(self.cfg.crops_per_volume):
                 if len(case.fg) and rng.random() < p_pos:
                     centre = case.fg[rng.integers(len(case.fg))] + shift
@@ -246,7 +246,8 @@ class CropSampler(torch.utils.data.IterableDataset):
                     centre = np.array([rng.integers(0, s) for s in img.shape[1:]])
                 o = np.clip(centre - crop // 2, 0, np.array(img.shape[1:]) - crop)
                 sl = (slice(None), *(slice(int(a), int(a + c)) for a, c in zip(o, crop)))
-                ci, cl, _, _ = flip_rot90(img[sl], lab[sl], rng, self.cfg.flip_prob, self.cfg.rot90_prob)
+                ci, cl, _, _ = flip_rot90(self.window.apply(img[sl], case.meta), lab[sl], rng, self.cfg.flip_prob,
+                                          self.cfg.rot90_prob)
                 if rng.random() < self.cfg.intensity_prob:
                     ci = ci * np.float32(1.0 + rng.uniform(-0.1, 0.1))  # RandScaleIntensityd factors 0.1
                 if rng.random() < self.cfg.intensity_prob:

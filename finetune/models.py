@@ -13,7 +13,6 @@ manifest (contract 2 of docs/DESIGN.md). Keys: ``backbone.*`` (from the export) 
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import torch
@@ -150,49 +149,33 @@ def make_decoder(backbone: nn.Module, arch: str, in_channels: int, out_channels:
     raise ValueError(f"model.arch={arch!r} does not fit a medssl backbone: choose auto, unetr or unet")
 
 
-def digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------- optimisation
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth of a backbone parameter for layer-wise lr decay: stem 0, block i → i + 1, the rest on top."""
+def layer_id(name: str) -> int | None:
+    """Depth of an encoder parameter for layer-wise lr decay: stem 0, block/stage i → i + 1, None for the
+    rest (the final norm), which sits on top with the decoder."""
     if re.match(r"(patch_embed|cls_token|pos_embed|stem|swinViT\.patch_embed|vit\.patch_embedding)", name):
         return 0
-    m = re.search(r"(?:^|\.)(?:blocks|stages|layers)\.?(\d+)\.", name)
-    if m:
-        return min(int(m.group(1)) + 1, num_layers)
-    m = re.search(r"layers(\d+)\.", name)  # SwinUNETR's swinViT.layers1..4
-    if m:
-        return min(int(m.group(1)), num_layers)
-    return num_layers + 1
+    m = re.search(r"(?:^|\.)(?:blocks|stages|layers)\.?(\d+)\.", name)  # also SwinUNETR's swinViT.layers1..4
+    return int(m.group(1)) + 1 if m else None
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0, freeze_encoder: bool = False) -> list[dict]:
     """AdamW groups: no decay on 1-D parameters (norms, biases) and tokens; the encoder's lr scaled by
-    ``layer_decay ** (depth - layer)``; frozen encoder parameters left out (requires_grad False)."""
+    ``layer_decay ** (top - layer)``; frozen encoder parameters left out (requires_grad False)."""
     prefixes = tuple(getattr(model, "encoder_prefixes", ()))
-    enc_names = [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
-    ids = [layer_id(n[len(next(p for p in prefixes if n.startswith(p))):], 10**6) for n in enc_names]
-    finite = [i for i in ids if i < 10**6 + 1]
-    num_layers = max(finite) if finite else 0
+    ids = {n: layer_id(n[len(next(q for q in prefixes if n.startswith(q))):])
+           for n, _ in model.named_parameters() if n.startswith(prefixes)}  # encoder parameter → depth
+    top = max((i for i in ids.values() if i is not None), default=0) + 1
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
-        encoder = name.startswith(prefixes)
+        encoder = name in ids
         if encoder and freeze_encoder:
             p.requires_grad_(False)
             continue
         if not p.requires_grad:
             continue
-        scale = 1.0
-        if encoder and layer_decay < 1.0:
-            rel = name[len(next(q for q in prefixes if name.startswith(q))):]
-            lid = layer_id(rel, num_layers)
-            scale = layer_decay ** (num_layers + 1 - lid)
+        lid = ids.get(name)
+        scale = layer_decay ** (top - lid) if encoder and lid is not None else 1.0
         decay = 0.0 if (p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "position_embeddings"))) else weight_decay
         g = groups.setdefault((scale, decay), {"params": [], "weight_decay": decay, "lr_scale": scale})
         g["params"].append(p)

@@ -54,8 +54,7 @@ def write_report(runs: list[str | Path], out: str | Path, title: str = "medssl f
                   + (f"; {'; '.join(m['load_report']['notes'])}" if m['load_report']['notes'] else ""), ""]
         for key, case in m["cases"].items():
             if case.get("overlay"):
-                rel = os.path.relpath(case["overlay"], out.parent.resolve()) if Path(case["overlay"]).is_absolute() \
-                    else os.path.relpath(Path(case["overlay"]).resolve(), out.parent.resolve())
+                rel = os.path.relpath(Path(case["overlay"]).resolve(), out.parent.resolve())
                 dice = ", ".join(f"{c} {_fmt(v)}" for c, v in case["dice"].items())
                 lines += [f"**{key}** — {dice}", "", f"![{key} {m['init']}]({rel})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)

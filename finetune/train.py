@@ -40,7 +40,8 @@ def finetune(cfg, progress: bool = True) -> dict:
     from . import data as D
     from .evaluate import dice_per_class, overlay_png, predict_probs, resample_to_original, write_nifti
     from .loading import build
-    from .models import digest, param_groups
+    from .models import param_groups
+    from pretrain.checkpoint import param_digest
 
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     env = engine.init_distributed()
@@ -78,7 +79,7 @@ def finetune(cfg, progress: bool = True) -> dict:
 
     # ---- model -----------------------------------------------------------------------------------------
     model, report, _, arch = build(cfg, in_ch, n_classes, log=say)
-    decoder_digest = digest(model.decoder) if hasattr(model, "decoder") else None
+    decoder_digest = param_digest(model.decoder)[:16] if hasattr(model, "decoder") else None
     say(f"model: {getattr(model, 'backbone_name', arch)} + {arch} decoder, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; init {cfg.init}\n{report.summary()}")
     groups = param_groups(model, cfg.optim.weight_decay, cfg.model.layer_decay, cfg.model.freeze_encoder)
@@ -98,7 +99,7 @@ def finetune(cfg, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.train.steps, disable=not (env.is_main and progress), unit="step",
                desc=f"finetune {cfg.init}", dynamic_ncols=True)
 
-    def validate(step: int) -> float:
+    def validate() -> float:
         scores = {}
         for c in val_cases:
             probs = predict_probs(eng.module, c.normalised(pre.window), cfg, env.device, autocast)
@@ -131,7 +132,7 @@ def finetune(cfg, progress: bool = True) -> dict:
             record = {"step": step, "lr": lr, "loss": float(np.mean(losses)),
                       "steps_per_s": step / max(time.time() - t_train, 1e-9)}
         if split["val"] and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-            score = validate(step)
+            score = validate()
             history.append({"step": step, "val_dice": score})
             record = {**(record or {"step": step}), "val_dice": score}
             if score > best["dice"] or best_state is None:
