@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pretrain demo --out $(DEMO_OUT)
+	$(PY) -m medssl.pretrain demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)

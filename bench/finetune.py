@@ -5,7 +5,7 @@ Usage:
   python bench/finetune.py --models vit3d_base_p16 --crop 96 --batch 4 --precision bf16    # one GPU
 
 Train step: forward + DiceCE + backward + AdamW step of ``SegmentationNet`` (the backbone + the UNETR
-decoder ``python -m finetune`` builds) on random crops with random labels (7 classes). Inference: MONAI
+decoder ``python -m medssl.finetune`` builds) on random crops with random labels (7 classes). Inference: MONAI
 ``sliding_window_inference`` (the harness's ``predict_probs``: overlap, softmax) over one volume of
 ``--volume`` voxels — 256×256×160 is an abdominal CT at 1.5 mm. Medians over ``--steps`` timed runs
 after ``--warmup``. The data path (preparing volumes, drawing crops) is not included: it costs ~3 ms per
@@ -26,9 +26,9 @@ from pretrain_step import device_and_name, median_time  # noqa: E402 - one timin
 
 
 def build(model_name: str, crop: int, feature_size: int, device: torch.device):
-    from finetune.config import load_config
-    from finetune.models import SegmentationNet, make_decoder
-    from pretrain.backbones import build_backbone
+    from medssl.finetune.config import load_config
+    from medssl.finetune.models import SegmentationNet, make_decoder
+    from medssl.pretrain.backbones import build_backbone
 
     cfg = load_config([f"data.crop_size=[{crop},{crop},{crop}]", f"model.feature_size={feature_size}"])
     bb = build_backbone(model_name, img_size=[crop] * 3)
@@ -38,8 +38,8 @@ def build(model_name: str, crop: int, feature_size: int, device: torch.device):
 def bench(model_name, crop, feature_size, batch, volume, overlap, sw_batch, precision, steps, warmup, device) -> dict:
     from monai.losses import DiceCELoss
 
-    from finetune.evaluate import predict_probs
-    from finetune.models import param_groups
+    from medssl.finetune.evaluate import predict_probs
+    from medssl.finetune.models import param_groups
 
     model, cfg = build(model_name, crop, feature_size, device)
     cfg.eval.overlap, cfg.eval.sw_batch = overlap, sw_batch

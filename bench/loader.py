@@ -138,11 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".bench/loader")
     args = ap.parse_args(argv)
 
-    import shards
-    from shards.build import BuildConfig, build
-    from shards.format import decode_sample
-    from shards.synth import synth_dataset
-    from shards.verify import iter_tar, load_index
+    from medssl import shards
+    from medssl.shards.build import BuildConfig, build
+    from medssl.shards.format import decode_sample
+    from medssl.shards.synth import synth_dataset
+    from medssl.shards.verify import iter_tar, load_index
 
     out = Path(args.out)
     raw = out / "raw"
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         rows.append(_row("MONAI .nii.gz", w, r))
         print(rows[-1], flush=True)
 
-    from shards.verify import table
+    from medssl.shards.verify import table
 
     vol_mb = np.mean([results[c]["bytes"] for c in args.codecs if c == "npy"] or [0]) / args.n / 1e6
     print(f"\nmachine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "

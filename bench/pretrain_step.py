@@ -51,8 +51,8 @@ def median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
 
 
 def bench(model_name: str, crop: int, batch: int, precision: str, steps: int, warmup: int, device: torch.device) -> dict:
-    from pretrain.backbones import build_backbone
-    from pretrain.config import task_class
+    from medssl.pretrain.backbones import build_backbone
+    from medssl.pretrain.config import task_class
 
     backbone = build_backbone(model_name, img_size=(crop,) * 3)
     task = task_class("hi_end_mae")(backbone, None).to(device)

@@ -26,8 +26,8 @@ from pretrain_step import device_and_name, median_time  # noqa: E402 - one timin
 
 def bench(preset: str | None, variant: str, batch: int, precision: str, steps: int, warmup: int,
           device: torch.device) -> dict:
-    from pretrain.config import load_config
-    from pretrain.train import build_task, make_optimizer
+    from medssl.pretrain.config import load_config
+    from medssl.pretrain.train import build_task, make_optimizer
 
     cfg = load_config("volume_fusion", [f"task.variant={variant}", f"train.micro_batch={batch}"], preset)
     task = build_task(cfg).to(device)

@@ -1,5 +1,5 @@
 """medssl finetune: exports (or MONAI self-supervised checkpoints) become segmentation networks, trained
 on small labelled sets with DeepSpeed and scored against the same network from scratch.
 
-``python -m finetune --export DIR --data DATASET --out RUN``; ``python -m finetune report RUN … --out report.md``.
+``python -m medssl.finetune --export DIR --data DATASET --out RUN``; ``python -m medssl.finetune report RUN … --out report.md``.
 """

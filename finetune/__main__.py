@@ -1,8 +1,8 @@
-"""``python -m finetune``: an export (or a MONAI checkpoint) becomes a segmentation model; Dice vs scratch.
+"""``python -m medssl.finetune``: an export (or a MONAI checkpoint) becomes a segmentation model; Dice vs scratch.
 
-    python -m finetune --export RUN/export --data DATASET --out RUNS/pre [--n-train 4] [--preset tiny] [key=value …]
-    python -m finetune --export RUN/export --data DATASET --out RUNS/scratch --init scratch …
-    python -m finetune report RUNS/pre RUNS/scratch --out report.md
+    python -m medssl.finetune --export RUN/export --data DATASET --out RUNS/pre [--n-train 4] [--preset tiny] [key=value …]
+    python -m medssl.finetune --export RUN/export --data DATASET --out RUNS/scratch --init scratch …
+    python -m medssl.finetune report RUNS/pre RUNS/scratch --out report.md
 
 Runs as a plain process (one CPU or GPU) or under ``torchrun`` / ``deepspeed`` on several GPUs.
 """
@@ -16,13 +16,13 @@ import sys
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m medssl.finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a pretrained export on a labelled dataset (DiceCE, DeepSpeed) and report test Dice.\n"
                     "The preprocessing (orientation, spacing, intensity window) is read from the export's manifest.\n"
                     "Run it twice, with the default --init pretrained and with --init scratch (same split, same\n"
-                    "seeds, same decoder init), then `python -m finetune report RUN_A RUN_B --out report.md`.\n"
+                    "seeds, same decoder init), then `python -m medssl.finetune report RUN_A RUN_B --out report.md`.\n"
                     "Defaults follow the official UNETR/Hi-End-MAE downstream setting; --preset tiny is CPU-sized.",
-        epilog="example: python -m finetune --export demo/runs/hi_end_mae_tiny/export --data demo/raw/Dataset902_PhantomCTLabelled "
+        epilog="example: python -m medssl.finetune --export demo/runs/hi_end_mae_tiny/export --data demo/raw/Dataset902_PhantomCTLabelled "
                "--out demo/ft/pretrained --preset tiny --n-train 4 optim.lr=5e-4")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 model.freeze_encoder=true "
                                                 "model.layer_decay=0.75 data.crop_size=[96,96,96]")
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def _report_main(argv) -> int:
     from .report import write_report
 
-    p = argparse.ArgumentParser(prog="python -m finetune report",
+    p = argparse.ArgumentParser(prog="python -m medssl.finetune report",
                                 description="One Dice table (per class, per run) and the overlays of several runs")
     p.add_argument("runs", nargs="+", help="fine-tuning run folders (metrics.json)")
     p.add_argument("--out", default="report.md")
@@ -53,13 +53,13 @@ def _report_main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    from pretrain.engine import strip_launcher_args
+    from medssl.pretrain.engine import strip_launcher_args
 
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] == "report":
         return _report_main(argv[1:])
     args = _parser().parse_intermixed_args(argv)
-    from pretrain.config import ConfigError
+    from medssl.pretrain.config import ConfigError
 
     from .config import load_config, set_dotted
 
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from pretrain.export import ExportError
-    from shards.errors import InputError
+    from medssl.pretrain.export import ExportError
+    from medssl.shards.errors import InputError
 
     try:
         from .train import finetune

@@ -202,7 +202,7 @@ def detect_arch(state: dict) -> str:
     hint = ""
     if has(r"encoder\.patch_embed\.proj\.") and has(r"encoder\.blocks\."):
         hint = (" This looks like a Hi-End-MAE checkpoint: convert it with "
-                "`python -m pretrain import hi_end_mae CKPT --out DIR`.")
+                "`python -m medssl.pretrain import hi_end_mae CKPT --out DIR`.")
     raise CheckpointError(f"cannot tell the architecture from the keys (first: {keys[:8]}); pass --arch "
                           f"{' or --arch '.join(ENCODER_PREFIX)} and check the key names.{hint}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pretrain.config import ConfigError, ConfigIO, merge, parse_override, set_dotted
+from medssl.pretrain.config import ConfigError, ConfigIO, merge, parse_override, set_dotted
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Labelled volumes for fine-tuning: discovery, checks, the seeded split, preparation, training crops.
 
 A dataset is an nnU-Net v2 / MSD raw folder (``imagesTr/``, ``labelsTr/``, ``dataset.json``), a CSV of
-``path,label[,modality]`` rows, or a labelled shard set (``python -m shards build … `` over a labelled
+``path,label[,modality]`` rows, or a labelled shard set (``python -m medssl.shards build … `` over a labelled
 dataset). Every volume is brought to the pretraining geometry with the same code that built the
 pretraining shards (``shards.preprocess.prepare_volume``: RAS, the export's spacing) and windowed at read
 time with the export's intensity window, so fine-tuning sees what pretraining saw. Few-shot sets are
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.crops import Window, flip_rot90
-from shards.errors import InputError
+from medssl.shards.crops import Window, flip_rot90
+from medssl.shards.errors import InputError
 
 
 @dataclass
@@ -65,7 +65,7 @@ def preprocessing(manifest: dict | None, cfg) -> Preprocessing:
     if cfg.data.spacing is not None:
         spacing = cfg.data.spacing or None
     if spacing is not None:
-        from shards.preprocess import parse_spacing
+        from medssl.shards.preprocess import parse_spacing
 
         spacing = parse_spacing(spacing)
     ct = pre.get("intensity", {}).get("CT", {})
@@ -92,7 +92,7 @@ def _declared_labels(desc: dict) -> dict[int, str]:
 
 def discover(dataset: str | Path, labels_override: dict | None = None) -> tuple[list[CaseSource], dict[int, str]]:
     """Labelled cases behind ``dataset`` and the declared classes ``{index: name}`` (``{}``: not declared)."""
-    from shards.sources import from_csv, from_nnunet
+    from medssl.shards.sources import from_csv, from_nnunet
 
     root = Path(dataset)
     if not root.exists():
@@ -128,7 +128,7 @@ def discover(dataset: str | Path, labels_override: dict | None = None) -> tuple[
 
 
 def _shard_cases(root: Path) -> list[CaseSource]:
-    from shards.verify import load_samples
+    from medssl.shards.verify import load_samples
 
     samples = load_samples(root)
     if not samples:
@@ -178,7 +178,7 @@ def prepare_case(src: CaseSource, pre: Preprocessing, declared: dict[int, str], 
         if origin.get("label") and Path(origin["label"]).exists():  # score in the original space when we can
             src.label, src.images = origin["label"], [p for p in origin.get("images", []) if Path(p).exists()] or None
     else:
-        from shards.preprocess import prepare_volume
+        from medssl.shards.preprocess import prepare_volume
 
         prep = prepare_volume(src.images, src.label, src.modality, target_spacing=pre.spacing)
         image, label, meta = prep.image, prep.label[0], prep.meta
@@ -189,8 +189,8 @@ def prepare_case(src: CaseSource, pre: Preprocessing, declared: dict[int, str], 
 
 def _read_shard_samples(root: str, keys: list[str]) -> dict:
     """Decode the samples ``keys`` of a shard set in one pass over its shards."""
-    from shards.format import decode_sample
-    from shards.verify import iter_tar, load_index
+    from medssl.shards.format import decode_sample
+    from medssl.shards.verify import iter_tar, load_index
 
     wanted, found = set(keys), {}
     for shard in load_index(root)["shards"]:
@@ -201,7 +201,7 @@ def _read_shard_samples(root: str, keys: list[str]) -> dict:
             break
     for key in wanted - set(found):
         raise InputError(f"{root}:{key}", "sample listed in samples.jsonl but not found in any shard",
-                         "run python -m shards verify on the set")
+                         "run python -m medssl.shards verify on the set")
     return found
 
 

@@ -3,7 +3,7 @@
 ``--export`` may be
 
 * a medssl export folder (``manifest.json`` + ``backbone.safetensors``; also what
-  ``python -m pretrain import …`` writes for official checkpoints): the backbone is rebuilt from the
+  ``python -m medssl.pretrain import …`` writes for official checkpoints): the backbone is rebuilt from the
   manifest and every one of its keys must load (sha256 and format version checked first);
 * a checkpoint file (``.safetensors``, or ``.pt``/``.pth`` read with ``torch.load(weights_only=True)``)
   of MONAI's SwinUNETR or UNETR self-supervised weights: the MONAI network is built and its encoder
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.export import ExportError
+from medssl.pretrain.export import ExportError
 
 
 def _report(source: str, loaded, new, dropped=(), notes=()):
@@ -42,14 +42,14 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
         return _build_monai(cfg, export, in_channels, out_channels, crop, pretrained)
     manifest = None
     if export is not None:
-        from pretrain.export import read_manifest
+        from medssl.pretrain.export import read_manifest
 
         manifest = read_manifest(export)
         name, kwargs = manifest["backbone"]["name"], dict(manifest["backbone"]["kwargs"])
     else:
         name, kwargs = cfg.model.backbone, {}
         if not name:
-            raise ValueError("--init scratch without --export needs model.backbone=NAME (python -m pretrain list)")
+            raise ValueError("--init scratch without --export needs model.backbone=NAME (python -m medssl.pretrain list)")
     notes = []
     trained_chans = int(kwargs.get("in_chans", 1))
     if "img_size" in kwargs and tuple(_as3(kwargs["img_size"])) != crop:
@@ -58,14 +58,14 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
     if "img_size" in kwargs or export is None:
         kwargs["img_size"] = list(crop)
     kwargs["in_chans"] = in_channels
-    from pretrain.backbones import build_backbone
+    from medssl.pretrain.backbones import build_backbone
 
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(name, **kwargs)
     torch.manual_seed(cfg.train.seed + 1)  # the decoder's init depends on the seed only, not on the backbone
     component = ((manifest or {}).get("components") or {}).get("decoder")
     if component and cfg.model.arch in ("auto", "pretrained"):  # the export's own decoder (e.g. Volume Fusion)
-        from pretrain.registry import DECODERS
+        from medssl.pretrain.registry import DECODERS
 
         arch = component["registry"]
         decoder = DECODERS.build(arch, **{**component["kwargs"], "out_channels": out_channels})
@@ -80,7 +80,7 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
     bb_keys = [f"backbone.{k}" for k in backbone.state_dict()]
     if not pretrained:
         return model, _report(f"scratch ({name})", [], bb_keys + dec_keys, notes=notes), manifest, arch
-    from pretrain.export import STEM_KEYS, adapt_in_channels, diff_report, format_report, load_state
+    from medssl.pretrain.export import STEM_KEYS, adapt_in_channels, diff_report, format_report, load_state
 
     loaded_decoder: list[str] = []
     if component:
@@ -104,8 +104,8 @@ def _load_component(export: Path, component: dict, module: torch.nn.Module, note
     """Load a pretrained decoder: every key but its class head (re-initialised for the new classes) must fit."""
     from safetensors.torch import load_file
 
-    from pretrain.export import diff_report, format_report
-    from shards.verify import sha256_file
+    from medssl.pretrain.export import diff_report, format_report
+    from medssl.shards.verify import sha256_file
 
     path = export / component["file"]
     if not path.exists() or sha256_file(path) != component["sha256"]:

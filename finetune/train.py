@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain import engine
-from pretrain.train import RunLog, lr_at
+from medssl.pretrain import engine
+from medssl.pretrain.train import RunLog, lr_at
 
 
 def _log0(env):
@@ -41,7 +41,7 @@ def finetune(cfg, progress: bool = True) -> dict:
     from .evaluate import dice_per_class, overlay_png, predict_probs, resample_to_original, write_nifti
     from .loading import build
     from .models import param_groups
-    from pretrain.checkpoint import param_digest
+    from medssl.pretrain.checkpoint import param_digest
 
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     env = engine.init_distributed()
@@ -52,7 +52,7 @@ def finetune(cfg, progress: bool = True) -> dict:
     # ---- data: discover, split, prepare (all checks happen here, before any training) -----------------
     manifest = None
     if cfg.export and Path(cfg.export).is_dir():
-        from pretrain.export import read_manifest
+        from medssl.pretrain.export import read_manifest
 
         manifest = read_manifest(cfg.export)
     pre = D.preprocessing(manifest, cfg)

@@ -1,4 +1,1 @@
-"""medssl pretrain: config, registries, backbones, the DeepSpeed training loop and exports (in progress).
-
-Today it holds the ``medssl`` console script (:mod:`pretrain.cli`).
-"""
+"""medssl pretrain: config, registries, backbones, the one DeepSpeed training loop, checkpoints and exports."""

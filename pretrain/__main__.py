@@ -1,12 +1,12 @@
-"""``python -m pretrain``: train a recipe, export a run, import an official checkpoint.
+"""``python -m medssl.pretrain``: train a recipe, export a run, import an official checkpoint.
 
-    python -m pretrain RECIPE [section.key=value …] --shards DIR [DIR …] --out RUN [--steps N] [--preset tiny]
-    python -m pretrain export RUN_DIR [--tag stepNNNNNNNN] [--out DIR]
-    python -m pretrain import hi_end_mae CHECKPOINT --out DIR
-    python -m pretrain list
+    python -m medssl.pretrain RECIPE [section.key=value …] --shards DIR [DIR …] --out RUN [--steps N] [--preset tiny]
+    python -m medssl.pretrain export RUN_DIR [--tag stepNNNNNNNN] [--out DIR]
+    python -m medssl.pretrain import hi_end_mae CHECKPOINT --out DIR
+    python -m medssl.pretrain list
 
 The same command runs as a plain process, under ``torchrun --nproc_per_node …`` and under the
-``deepspeed`` launcher (``deepspeed --hostfile hosts --module pretrain RECIPE …``).
+``deepspeed`` launcher (``deepspeed --hostfile hosts --module medssl.pretrain RECIPE …``).
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from pathlib import Path
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pretrain",
+        prog="python -m medssl.pretrain",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pretrain a recipe on shard sets with DeepSpeed (one CPU, or N nodes x M GPUs).\n"
                     "Defaults are the paper's setting; `--preset tiny` is a CPU-sized model and crop.\n"
-                    "Other commands: `python -m pretrain export RUN_DIR`, `python -m pretrain import NAME CKPT "
-                    "--out DIR`, `python -m pretrain list`, `python -m pretrain demo` (the README's demo).",
-        epilog="example: torchrun --nproc_per_node 2 -m pretrain hi_end_mae --shards demo/shards --out runs/mae "
+                    "Other commands: `python -m medssl.pretrain export RUN_DIR`, `python -m medssl.pretrain import NAME CKPT "
+                    "--out DIR`, `python -m medssl.pretrain list`, `python -m medssl.pretrain demo` (the README's demo).",
+        epilog="example: torchrun --nproc_per_node 2 -m medssl.pretrain hi_end_mae --shards demo/shards --out runs/mae "
                "--preset tiny --steps 200 optim.lr=2e-4",
     )
     p.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 train.micro_batch=8")
-    p.add_argument("--shards", nargs="+", required=True, help="shard set folders (python -m shards build)")
+    p.add_argument("--shards", nargs="+", required=True, help="shard set folders (python -m medssl.shards build)")
     p.add_argument("--out", required=True, help="run dir: config, metrics.jsonl, checkpoints, pictures, export")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--preset", help="a named preset of the recipe, e.g. tiny")
@@ -56,7 +56,7 @@ def resolve(args) -> tuple:
         set_dotted(cfg, "train.steps", args.steps)
     for d in cfg.data.shards:
         if not (Path(d) / "index.json").exists():
-            raise ValueError(f"--shards {d}: no index.json (build it with `python -m shards build … --out {d}`)")
+            raise ValueError(f"--shards {d}: no index.json (build it with `python -m medssl.shards build … --out {d}`)")
     with torch.device("meta"):  # constructor checks (crop vs patch, widths, heads) without allocating
         backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
         from .config import task_class
@@ -68,11 +68,11 @@ def resolve(args) -> tuple:
 
 
 def main(argv=None) -> int:
-    from pretrain.engine import strip_launcher_args
+    from medssl.pretrain.engine import strip_launcher_args
 
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] == "export":
-        p = argparse.ArgumentParser(prog="python -m pretrain export",
+        p = argparse.ArgumentParser(prog="python -m medssl.pretrain export",
                                     description="Consolidate a run's checkpoint (ZeRO shards) to fp32 and write "
                                                 "export/backbone.safetensors + export/manifest.json")
         p.add_argument("run_dir")

@@ -33,7 +33,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: list = field(default_factory=list)  # shard set folders (python -m shards build)
+    shards: list = field(default_factory=list)  # shard set folders (python -m medssl.shards build)
     crop_size: list = field(default_factory=lambda: [96, 96, 96])
     crops_per_volume: int = 4
     num_workers: int = 2
@@ -185,7 +185,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- recipes
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(importlib.import_module("medssl.recipes").__file__).resolve().parent
 
 
 def recipe_yaml(recipe: str) -> Path:
@@ -205,7 +205,7 @@ def task_class(recipe: str):
     """Import ``recipes.<recipe>`` (which registers its task) and return the task class."""
     from .registry import TASKS
 
-    importlib.import_module(f"recipes.{recipe}")
+    importlib.import_module(f"medssl.recipes.{recipe}")
     return TASKS.get(recipe)
 
 

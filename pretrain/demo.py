@@ -1,4 +1,4 @@
-"""``python -m pretrain demo``: the README's first command — the whole chain on synthetic phantoms.
+"""``python -m medssl.pretrain demo``: the README's first command — the whole chain on synthetic phantoms.
 
 1. ``shards`` demo: synthesise CT/MRI phantoms, build, verify, describe, stream (see shards/demo.py);
 2. pretrain ``hi_end_mae`` (``--preset tiny``) on those shards with DeepSpeed, as 2 processes under
@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def run(out: Path, steps: int, nproc: int, seed: int = 0, ft_steps: int = 150, n_train: int = 4) -> int:
-    from shards.demo import run as shards_demo
+    from medssl.shards.demo import run as shards_demo
 
     t0 = time.time()
     expect = 0.5 + steps * 0.4 / 60 + (2 * (0.6 + ft_steps * 0.8 / 60) if ft_steps else 0)
@@ -33,7 +33,7 @@ def run(out: Path, steps: int, nproc: int, seed: int = 0, ft_steps: int = 150, n
         return rc
     run_dir = out / "runs" / "hi_end_mae_tiny"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "pretrain", "hi_end_mae", "--shards", str(out / "shards"), "--out", str(run_dir),
+           "-m", "medssl.pretrain", "hi_end_mae", "--shards", str(out / "shards"), "--out", str(run_dir),
            "--preset", "tiny", "--steps", str(steps), "train.log_every=1", f"train.checkpoint_every={max(1, steps // 2)}",
            f"train.picture_every={max(1, steps // 2)}"]
     print("[pretrain]", " ".join(cmd[2:]))
@@ -67,8 +67,8 @@ def run(out: Path, steps: int, nproc: int, seed: int = 0, ft_steps: int = 150, n
 
 def finetune_demo(out: Path, export: Path, steps: int, n_train: int, seed: int, env: dict) -> int:
     """Labelled phantoms → fine-tune from the export and from scratch → Dice table + report.md."""
-    from finetune.report import write_report
-    from shards.synth import synth_dataset
+    from medssl.finetune.report import write_report
+    from medssl.shards.synth import synth_dataset
 
     data = out / "raw" / "Dataset902_PhantomCTLabelled"
     print(f"[finetune] synthesising 8 labelled CT phantoms (another seed, not seen in pretraining) in {data}")
@@ -76,7 +76,7 @@ def finetune_demo(out: Path, export: Path, steps: int, n_train: int, seed: int, 
     runs = []
     for init in ("pretrained", "scratch"):
         run_dir = out / "finetune" / init
-        cmd = [sys.executable, "-m", "finetune", "--export", str(export), "--data", str(data), "--out", str(run_dir),
+        cmd = [sys.executable, "-m", "medssl.finetune", "--export", str(export), "--data", str(data), "--out", str(run_dir),
                "--init", init, "--preset", "tiny", "--steps", str(steps), "--n-train", str(n_train),
                "data.crop_size=[48,48,48]", f"train.eval_every={max(1, steps // 4)}", "data.test_fraction=0.25"]
         print(f"[finetune {init}]", " ".join(cmd[2:]))
@@ -96,7 +96,7 @@ def finetune_demo(out: Path, export: Path, steps: int, n_train: int, seed: int, 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m medssl.pretrain demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo", help="working folder (default: demo)")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300, about 2.5 min on 2 cores)")

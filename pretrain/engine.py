@@ -51,7 +51,7 @@ def init_distributed() -> DistEnv:
     """Start (or join) the process group: NCCL on GPUs, gloo on CPU."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # a plain `python -m pretrain …`: a world of one
+    if "RANK" not in os.environ:  # a plain `python -m medssl.pretrain …`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     cuda = torch.cuda.is_available()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shards.verify import sha256_file
+from medssl.shards.verify import sha256_file
 
 FORMAT_VERSION = 1
 BACKBONE_FILE = "backbone.safetensors"
@@ -108,7 +108,7 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     tags = complete_tags(ckpt_dir)
     if tag is None:
         if not tags:
-            raise ExportError(f"no complete checkpoint in {ckpt_dir}: train first (python -m pretrain {cfg.recipe} …)")
+            raise ExportError(f"no complete checkpoint in {ckpt_dir}: train first (python -m medssl.pretrain {cfg.recipe} …)")
         tag = tags[0]
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

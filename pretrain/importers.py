@@ -1,4 +1,4 @@
-"""``python -m pretrain import NAME CHECKPOINT --out DIR``: official released checkpoints → our exports.
+"""``python -m medssl.pretrain import NAME CHECKPOINT --out DIR``: official released checkpoints → our exports.
 
 ``hi_end_mae``: the authors' pretraining checkpoint (``{'state_dict': {'module.encoder.*', …}, 'epoch',
 'optimizer', 'scaler'}``). The encoder uses timm's ViT names, as ours does, so ``module.encoder.X``
@@ -89,7 +89,7 @@ IMPORTERS = {"hi_end_mae": import_hi_end_mae}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain import",
+    p = argparse.ArgumentParser(prog="python -m medssl.pretrain import",
                                 description="Convert an official released checkpoint into a medssl export.")
     p.add_argument("name", choices=sorted(IMPORTERS), help="which method's checkpoint format")
     p.add_argument("checkpoint", help="the released .pth/.pt file")

@@ -91,8 +91,8 @@ def build_task(cfg: RunConfig):
 
 
 def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
-    import shards
-    from shards import StreamConfig, Window
+    from medssl import shards
+    from medssl.shards import StreamConfig, Window
 
     d = cfg.data
     sc = StreamConfig(crop_size=tuple(d.crop_size), crops_per_volume=d.crops_per_volume, batch_size=cfg.train.micro_batch,
@@ -159,7 +159,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                 bad_in_row += 1
                 if bad_in_row >= 10:
                     raise FloatingPointError(f"10 non-finite losses in a row at step {step}: lower optim.lr, "
-                                             "check the data (python -m shards verify) or use precision fp32")
+                                             "check the data (python -m medssl.shards verify) or use precision fp32")
                 continue
             bad_in_row = 0
             eng.backward(loss)

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, Mlp
 from torch import Tensor, nn
 
-from pretrain.backbones.vit3d import sincos_pos_embed_3d
-from pretrain.config import ConfigError
-from pretrain.registry import TASKS
-from pretrain.layers import mae_init_
+from medssl.pretrain.backbones.vit3d import sincos_pos_embed_3d
+from medssl.pretrain.config import ConfigError
+from medssl.pretrain.registry import TASKS
+from medssl.pretrain.layers import mae_init_
 
 PATCH_NORM_EPS = 1e-6  # the official target LayerNorm (no affine, biased variance)
 
@@ -315,7 +315,7 @@ def _draw(vols: dict[str, np.ndarray], path=None) -> np.ndarray:
     (the input's) except for the normalised target. Returns RGB uint8."""
     import matplotlib
 
-    from pretrain.pictures import draw_grid
+    from medssl.pretrain.pictures import draw_grid
 
     cmap = matplotlib.colormaps["gray"].with_extremes(bad=(0.45, 0.45, 0.6))
 

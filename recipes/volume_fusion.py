@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.registry import TASKS
+from medssl.pretrain.registry import TASKS
 
 
 @dataclass
@@ -211,7 +211,7 @@ class VolumeFusion(nn.Module):
 
     def __init__(self, backbone: nn.Module, cfg: VolumeFusionConfig | None = None):
         super().__init__()
-        from pretrain.registry import DECODERS
+        from medssl.pretrain.registry import DECODERS
 
         cfg = cfg or VolumeFusionConfig()
         if cfg.variant not in ("grid", "batch"):
@@ -275,7 +275,7 @@ class VolumeFusion(nn.Module):
         z = x.shape[-1] // 2
         cols = {"background": bg[:, 0, ..., z], "foreground": fg[:, 0, ..., z], "fused": x[:, 0, ..., z],
                 "true k": lab[..., z].float(), "predicted k": pred[..., z].float()}
-        from pretrain.pictures import draw_grid
+        from medssl.pretrain.pictures import draw_grid
 
         k = self.cfg.fusion_classes
         maps = lambda title, r: {"cmap": "viridis", "vmin": 0, "vmax": k} if title.endswith(" k") else {}  # noqa: E731

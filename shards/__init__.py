@@ -1,6 +1,6 @@
 """medssl shards: NIfTI/DICOM datasets → verified webdataset shards → 3D crops for every rank.
 
-Command line: ``python -m shards {synth,build,verify,info} --help``.
+Command line: ``python -m medssl.shards {synth,build,verify,info} --help``.
 In Python: ``shards.stream(dirs, StreamConfig(...))`` returns a loader of crop batches.
 The stream pulls in torch, so it is imported lazily: building shards needs only numpy and nibabel.
 """

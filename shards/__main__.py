@@ -1,4 +1,4 @@
-"""``python -m shards``: synthesise demo data, build shards, verify them, describe them."""
+"""``python -m medssl.shards``: synthesise demo data, build shards, verify them, describe them."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ with the reason and skipped. Re-running the same command after an interruption k
 INPUT may be an nnU-Net v2 / MSD raw dataset folder (dataset.json + imagesTr/ [+ labelsTr/]),
 a CSV list with a header 'path,modality[,label]', a folder of NIfTI files, a folder of DICOM series
 (needs: pip install 'medssl[dicom]'), or one NIfTI file.""",
-        epilog="example: python -m shards build data/Dataset001_Liver ct_list.csv --out shards/ct --spacing 1.5",
+        epilog="example: python -m medssl.shards build data/Dataset001_Liver ct_list.csv --out shards/ct --spacing 1.5",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="datasets, folders, CSV lists or files")
     p.add_argument("--out", required=True, help="output folder for the shards (created)")
@@ -97,7 +97,7 @@ def _info_parser(sub) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shards",
+        prog="python -m medssl.shards",
         description="medssl shards: NIfTI/DICOM datasets -> verified webdataset shards -> 3D crops for every rank.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

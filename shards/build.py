@@ -1,4 +1,4 @@
-"""``python -m shards build``: volumes → preprocessed webdataset tar shards + ``index.json``.
+"""``python -m medssl.shards build``: volumes → preprocessed webdataset tar shards + ``index.json``.
 
 Worker processes load and preprocess volumes in parallel (:func:`shards.preprocess.prepare_volume`);
 the main process writes their samples into shards in the order of the inputs, so the same command

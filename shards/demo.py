@@ -1,4 +1,4 @@
-"""``python -m shards demo``: the data path end to end on synthetic phantoms, printing each step.
+"""``python -m medssl.shards demo``: the data path end to end on synthetic phantoms, printing each step.
 
 synthesise CT and MRI phantoms → build shards → verify → describe → stream crops as two ranks with
 two workers each, the way a two-GPU pretraining job would read them.

@@ -1,6 +1,6 @@
 """The on-disk sample format: one volume per webdataset tar sample (DESIGN contract 1).
 
-Every shard set written by ``python -m shards build`` and read by ``shards.stream`` follows the rules
+Every shard set written by ``python -m medssl.shards build`` and read by ``shards.stream`` follows the rules
 declared here, and only here:
 
 * ``<key>.<image member>`` holds the voxels as ``[C, X, Y, Z]``: channels first, then the three spatial
@@ -173,7 +173,7 @@ def decode_sample(sample: dict, check: bool = True) -> tuple[np.ndarray, np.ndar
             continue
         want = meta.get("checksums", {}).get(member)
         if check and want is not None and checksum(data) != want:
-            raise CorruptSample(f"{where}: .{member} fails its checksum (damaged shard; run `python -m shards verify`)")
+            raise CorruptSample(f"{where}: .{member} fails its checksum (damaged shard; run `python -m medssl.shards verify`)")
         try:
             out.append(decode_array(data, codec))
         except Exception as exc:  # noqa: BLE001 - any decoder failure means a damaged member

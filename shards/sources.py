@@ -1,4 +1,4 @@
-"""Finding the volumes behind the inputs of ``python -m shards build``.
+"""Finding the volumes behind the inputs of ``python -m medssl.shards build``.
 
 An input may be:
 

@@ -1,4 +1,4 @@
-"""``python -m shards verify`` and ``python -m shards info``: check a shard set and describe it.
+"""``python -m medssl.shards verify`` and ``python -m medssl.shards info``: check a shard set and describe it.
 
 ``verify`` recomputes every shard's sha256, decodes every sample (checking each voxel member's
 CRC-32, shape and dtype against its JSON) and compares the counts and keys with ``index.json`` and

@@ -24,7 +24,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """Six small CT phantoms (nnU-Net v2 layout), mixed RAS/LPS affines and anisotropic spacing."""
-    from shards.synth import synth_dataset
+    from medssl.shards.synth import synth_dataset
 
     out = tmp_path_factory.mktemp("phantoms")
     synth_dataset(out, n=6, seed=3, modality="CT", fov_scale=0.3, progress=False)
@@ -34,7 +34,7 @@ def phantoms(tmp_path_factory):
 @pytest.fixture(scope="session")
 def built(phantoms, tmp_path_factory):
     """The phantoms built into shards of a few samples each (so that shards hold uneven counts)."""
-    from shards.build import BuildConfig, build
+    from medssl.shards.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("shards")
     build(BuildConfig(inputs=[str(phantoms)], shard_size="200k"), out, workers=2, progress=False)

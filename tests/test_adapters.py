@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune.adapters import (
+from medssl.finetune.adapters import (
     ADAPTERS,
     CheckpointError,
     adapt,

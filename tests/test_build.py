@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from shards.build import BuildConfig, BuildInterrupted, build
-from shards.build import main as build_main
-from shards.verify import info, load_index, load_samples, verify
+from medssl.shards.build import BuildConfig, BuildInterrupted, build
+from medssl.shards.build import main as build_main
+from medssl.shards.verify import info, load_index, load_samples, verify
 
 
 def test_build_writes_index_samples_and_verifies(built, phantoms):
@@ -37,9 +37,9 @@ def test_build_writes_index_samples_and_verifies(built, phantoms):
 
 
 def test_cli_verify_and_info(built):
-    res = subprocess.run([sys.executable, "-m", "shards", "verify", str(built), "--quiet"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "medssl.shards", "verify", str(built), "--quiet"], capture_output=True, text=True)
     assert res.returncode == 0 and "OK:" in res.stdout, res.stdout + res.stderr
-    res = subprocess.run([sys.executable, "-m", "shards", "info", str(built)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "medssl.shards", "info", str(built)], capture_output=True, text=True)
     assert res.returncode == 0 and "stored spacing" in res.stdout, res.stderr
 
 
@@ -76,7 +76,7 @@ def test_each_bad_input_is_reported_and_the_rest_is_built(phantoms, tmp_path):
                    f"{good[2]},CT,{labels[2]}\n")
     inputs = [str(tmp_path / "bad"), str(csv), str(good[3])]
     out = tmp_path / "out"
-    from shards import dicom
+    from medssl.shards import dicom
 
     if dicom.pydicom_available():
         from .test_dicom import write_series
@@ -140,7 +140,7 @@ def test_interrupted_build_resumes_without_redoing_shards(phantoms, tmp_path):
 
 
 def test_body_crop_keeps_world_coordinates(phantoms, tmp_path):
-    from shards.preprocess import prepare_volume
+    from medssl.shards.preprocess import prepare_volume
 
     image = sorted((phantoms / "imagesTr").glob("*.nii.gz"))[0]
     full = prepare_volume([image], None, "CT")
@@ -157,8 +157,8 @@ def test_body_crop_keeps_world_coordinates(phantoms, tmp_path):
 
 
 def test_mri_is_stored_as_float16_and_normalised_per_volume(tmp_path):
-    from shards import stream
-    from shards.synth import synth_dataset
+    from medssl.shards import stream
+    from medssl.shards.synth import synth_dataset
 
     raw = tmp_path / "mr"
     synth_dataset(raw, n=2, seed=1, modality="MR", fov_scale=0.3, progress=False)
@@ -174,7 +174,7 @@ def test_mri_is_stored_as_float16_and_normalised_per_volume(tmp_path):
 
 
 def test_medssl_console_entry_dispatches_to_shards(built, capsys):
-    from pretrain.cli import medssl_main
+    from medssl.cli import medssl_main
 
     assert medssl_main(["shards", "info", str(built)]) == 0
     assert "stored spacing" in capsys.readouterr().out

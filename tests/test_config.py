@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from pretrain.config import ConfigError, config_from_dict, load_config, parse_override
-from pretrain.engine import check_batch, deepspeed_config
-from pretrain.train import lr_at
+from medssl.pretrain.config import ConfigError, config_from_dict, load_config, parse_override
+from medssl.pretrain.engine import check_batch, deepspeed_config
+from medssl.pretrain.train import lr_at
 
 
 def test_paper_defaults_and_tiny_preset():
@@ -90,7 +90,7 @@ def test_warmup_then_cosine():
     ("train.global_batch=7", "global_batch"),
 ])
 def test_cli_refuses_bad_settings_before_starting(built, tmp_path, capsys, override, words):
-    from pretrain.__main__ import main
+    from medssl.pretrain.__main__ import main
 
     rc = main(["hi_end_mae", "--shards", str(built), "--out", str(tmp_path / "run"), "--preset", "tiny", override])
     assert rc == 2
@@ -99,7 +99,7 @@ def test_cli_refuses_bad_settings_before_starting(built, tmp_path, capsys, overr
 
 
 def test_overrides_right_after_shards_are_overrides(built, tmp_path, capsys):
-    from pretrain.__main__ import main
+    from medssl.pretrain.__main__ import main
 
     rc = main(["hi_end_mae", "--preset", "tiny", "--out", str(tmp_path / "r"), "--shards", str(built),
                "data.crop_size=[100,100,100]"])
@@ -107,14 +107,14 @@ def test_overrides_right_after_shards_are_overrides(built, tmp_path, capsys):
 
 
 def test_cli_refuses_missing_shards(tmp_path, capsys):
-    from pretrain.__main__ import main
+    from medssl.pretrain.__main__ import main
 
     assert main(["hi_end_mae", "--shards", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "no index.json" in capsys.readouterr().err
 
 
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys):
-    from pretrain.__main__ import main
+    from medssl.pretrain.__main__ import main
 
     assert main(["--local_rank=0", "list"]) == 0
     out = capsys.readouterr().out

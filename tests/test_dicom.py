@@ -17,8 +17,8 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid  # noqa: E402
 
-from shards import dicom  # noqa: E402
-from shards.errors import InputError  # noqa: E402
+from medssl.shards import dicom  # noqa: E402
+from medssl.shards.errors import InputError  # noqa: E402
 
 ROWS, COLS = 6, 5
 AXIAL = (1, 0, 0, 0, 1, 0)

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import data as D
-from finetune.config import load_config
-from finetune.evaluate import dice_per_class, resample_to_original
-from finetune.models import SegmentationNet, UNetDecoder, make_decoder, param_groups, stride_factors
-from pretrain.export import ExportError, write_export
-from shards.errors import InputError
+from medssl.finetune import data as D
+from medssl.finetune.config import load_config
+from medssl.finetune.evaluate import dice_per_class, resample_to_original
+from medssl.finetune.models import SegmentationNet, UNetDecoder, make_decoder, param_groups, stride_factors
+from medssl.pretrain.export import ExportError, write_export
+from medssl.shards.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DICE_THRESHOLD = 0.25  # mean foreground test Dice the 100-step scratch run must beat (measured 0.36; chance ~0.03)
@@ -28,7 +28,7 @@ DICE_THRESHOLD = 0.25  # mean foreground test Dice the 100-step scratch run must
 
 def _export(out: Path, seed: int = 0, **kwargs) -> Path:
     """A medssl export of a (randomly initialised) tiny ViT with the manifest a pretraining run writes."""
-    from pretrain.backbones import build_backbone
+    from medssl.pretrain.backbones import build_backbone
 
     torch.manual_seed(seed)
     bb = build_backbone("vit3d_tiny_p16", img_size=[64, 64, 64], **kwargs)
@@ -122,7 +122,7 @@ def test_stride_factors():
 
 @pytest.mark.parametrize("patch,crop", [(16, 32), (12, 24), (8, 32)])
 def test_unetr_decoder_shapes(patch, crop):
-    from pretrain.backbones import build_backbone
+    from medssl.pretrain.backbones import build_backbone
 
     cfg = load_config([], "tiny")
     bb = build_backbone("vit3d_tiny_p16", img_size=[crop] * 3, patch_size=patch, in_chans=2)
@@ -159,7 +159,7 @@ def test_unet_decoder_for_multiscale_backbones():
 
 
 def test_layer_decay_and_freeze():
-    from pretrain.backbones import build_backbone
+    from medssl.pretrain.backbones import build_backbone
 
     cfg = load_config([], "tiny")
     bb = build_backbone("vit3d_tiny_p16", img_size=[32] * 3)
@@ -184,7 +184,7 @@ def _cfg(export_dir, init="pretrained", **over):
 
 
 def test_export_loads_every_backbone_key_and_reports_the_decoder_new(export):
-    from finetune.loading import build
+    from medssl.finetune.loading import build
     from safetensors.torch import load_file
 
     model, report, manifest, arch = build(_cfg(export), in_channels=1, out_channels=7)
@@ -202,7 +202,7 @@ def test_export_loads_every_backbone_key_and_reports_the_decoder_new(export):
 
 
 def test_bad_exports_are_refused(export, tmp_path):
-    from finetune.loading import build
+    from medssl.finetune.loading import build
 
     bad = tmp_path / "sha"
     shutil.copytree(export, bad)
@@ -221,7 +221,7 @@ def test_bad_exports_are_refused(export, tmp_path):
     pkl = tmp_path / "pickle"
     shutil.copytree(export, pkl)
     torch.save({"x": torch.zeros(2)}, pkl / "backbone.safetensors")  # a pickle under the safetensors name
-    from shards.verify import sha256_file
+    from medssl.shards.verify import sha256_file
 
     m = json.loads((pkl / "manifest.json").read_text())
     m["weights"]["sha256"] = sha256_file(pkl / "backbone.safetensors")
@@ -263,7 +263,7 @@ def test_predictions_map_back_to_the_original_grid(phantoms):
 def _finetune(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "medssl.finetune", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
 
@@ -307,7 +307,7 @@ def test_pretrained_and_scratch_share_split_and_seeds(runs):
 
 
 def test_report_table(runs, tmp_path):
-    from finetune.report import write_report
+    from medssl.finetune.report import write_report
 
     table = write_report([runs["pretrained"][0], runs["scratch"][0]], tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
@@ -347,7 +347,7 @@ def test_monai_checkpoint_file_through_the_harness(tmp_path):
     """``--export model.pt`` (a MONAI ViTAutoEnc SSL state dict) → MONAI UNETR; scratch keeps its sizes."""
     from monai.networks.nets import ViTAutoEnc
 
-    from finetune.loading import build
+    from medssl.finetune.loading import build
 
     torch.manual_seed(1)
     ae = ViTAutoEnc(in_channels=1, img_size=32, patch_size=16, hidden_size=96, mlp_dim=192, num_layers=12, num_heads=12)  # UNETR's ViT has 12

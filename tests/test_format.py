@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from shards.format import (CODECS, CorruptSample, decode_array, decode_sample, encode_array, encode_sample,
+from medssl.shards.format import (CODECS, CorruptSample, decode_array, decode_sample, encode_array, encode_sample,
                            make_key, wds_handler)
 
 

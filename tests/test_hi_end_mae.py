@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.backbones import ViT3D, build_backbone, sincos_pos_embed_3d
-from pretrain.config import ConfigError, load_config
-from pretrain.registry import TASKS
-from recipes.hi_end_mae import HiEndMAE, HiEndMAEConfig, num_visible
+from medssl.pretrain.backbones import ViT3D, build_backbone, sincos_pos_embed_3d
+from medssl.pretrain.config import ConfigError, load_config
+from medssl.pretrain.registry import TASKS
+from medssl.recipes.hi_end_mae import HiEndMAE, HiEndMAEConfig, num_visible
 
 
 def small_vit(img=32, patch=8, chans=1, depth=4) -> ViT3D:

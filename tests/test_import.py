@@ -1,4 +1,4 @@
-"""`python -m pretrain import hi_end_mae`: an official-style checkpoint (names and shapes of the authors'
+"""`python -m medssl.pretrain import hi_end_mae`: an official-style checkpoint (names and shapes of the authors'
 release) becomes an export that loads key for key."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.export import load_backbone, read_manifest
-from pretrain.importers import main as import_main
+from medssl.pretrain.export import load_backbone, read_manifest
+from medssl.pretrain.importers import main as import_main
 
 
 def official_state(dim: int, depth: int, patch: int, grid: int, dec: int = 48) -> dict[str, torch.Tensor]:
@@ -48,7 +48,7 @@ def _import(tmp_path, state, name="ckpt.pth"):
 
 
 def test_import_small_official_layout(tmp_path):
-    from pretrain.backbones import build_backbone
+    from medssl.pretrain.backbones import build_backbone
 
     with torch.device("meta"):
         tiny = build_backbone("vit3d_tiny_p16")

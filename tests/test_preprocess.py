@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from shards.preprocess import parse_spacing, reorient_ras, resample, resampled_shape, scale_affine
+from medssl.shards.preprocess import parse_spacing, reorient_ras, resample, resampled_shape, scale_affine
 
 from .conftest import naive_trilinear
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import complete_tags
-from pretrain.export import ExportError, load_backbone, read_manifest
+from medssl.pretrain.checkpoint import complete_tags
+from medssl.pretrain.export import ExportError, load_backbone, read_manifest
 
 STEPS, MORE = 24, 30
 
@@ -22,7 +22,7 @@ STEPS, MORE = 24, 30
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pretrain", "hi_end_mae", *args]
+           "-m", "medssl.pretrain", "hi_end_mae", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 

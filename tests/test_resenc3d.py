@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from pretrain.backbones import BACKBONES, build_backbone
-from pretrain.backbones.resenc3d import PreActResBlock3d, ResEnc3D, UNetDecoder3D
-from pretrain.registry import DECODERS
+from medssl.pretrain.backbones import BACKBONES, build_backbone
+from medssl.pretrain.backbones.resenc3d import PreActResBlock3d, ResEnc3D, UNetDecoder3D
+from medssl.pretrain.registry import DECODERS
 
 SIZES = {"resenc3d": ([32, 64, 128, 256, 512], 2), "resenc3d_tiny": ([8, 16, 32, 64, 128], 1)}
 

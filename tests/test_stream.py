@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import shards
-from shards.crops import Window, sample_origins
-from shards.loader import ShardStream, StreamConfig, _ErrorLog
-from shards.verify import load_index, load_samples, verify
+from medssl import shards
+from medssl.shards.crops import Window, sample_origins
+from medssl.shards.loader import ShardStream, StreamConfig, _ErrorLog
+from medssl.shards.verify import load_index, load_samples, verify
 
 from .conftest import naive_trilinear
 
@@ -41,8 +41,8 @@ def _reference(sample: dict):
 
 def _meta_by_key(built):
     """Source files per key, read back from the shards' JSON (what the stream itself saw)."""
-    from shards.format import decode_sample
-    from shards.verify import iter_tar
+    from medssl.shards.format import decode_sample
+    from medssl.shards.verify import iter_tar
 
     out = {}
     for s in load_index(built)["shards"]:

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from shards.synth import LABELS, TISSUES, register_cli, synth_dataset, synth_volume
+from medssl.shards.synth import LABELS, TISSUES, register_cli, synth_dataset, synth_volume
 
 FS = 0.35  # tiny volumes: ~70-90 mm in-plane, 10-35 slices
 N = 6
@@ -160,7 +160,7 @@ def test_arguments_are_validated(tmp_path):
 
 
 def test_cli_subcommand(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="python -m shards")
+    parser = argparse.ArgumentParser(prog="python -m medssl.shards")
     register_cli(parser.add_subparsers(dest="command", required=True))
     d = parser.parse_args(["synth", "--out", str(tmp_path / "x")])
     assert (d.n, d.seed, d.modality, d.fov_scale) == (8, 0, "CT", 1.0) and callable(d.func)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from pretrain.backbones import BACKBONES, ViT3D, build_backbone, sincos_pos_embed_3d
+from medssl.pretrain.backbones import BACKBONES, ViT3D, build_backbone, sincos_pos_embed_3d
 
 VIT_NAMES = [n for n in BACKBONES.names() if n.startswith("vit3d_")]
 SIZES = {  # name -> (embed_dim, depth, heads, patch) as registered

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.volume_fusion import (VolumeFusionConfig, box_labels, contrast_map, fuse, grid_labels,
+from medssl.recipes.volume_fusion import (VolumeFusionConfig, box_labels, contrast_map, fuse, grid_labels,
                                    random_resized_crops)
 
 
@@ -93,8 +93,8 @@ def test_contrast_map_piecewise_reference():
 # ----------------------------------------------------------------------------------------- the task
 @pytest.fixture(scope="module")
 def task():
-    from pretrain.config import load_config
-    from pretrain.train import build_task
+    from medssl.pretrain.config import load_config
+    from medssl.pretrain.train import build_task
 
     torch.manual_seed(0)
     return build_task(load_config("volume_fusion", [], "tiny"))
@@ -119,8 +119,8 @@ def test_task_inputs_obey_the_fusion_rule_and_train(task, variant):
 
 
 def test_bad_task_settings_are_refused():
-    from pretrain.backbones import build_backbone
-    from recipes.volume_fusion import VolumeFusion
+    from medssl.pretrain.backbones import build_backbone
+    from medssl.recipes.volume_fusion import VolumeFusion
 
     bb = build_backbone("resenc3d_tiny", img_size=[32] * 3)
     with pytest.raises(ValueError, match="variant"):

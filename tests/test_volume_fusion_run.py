@@ -18,7 +18,7 @@ STEPS = 40
 def run(built, tmp_path_factory):
     out = tmp_path_factory.mktemp("vf") / "run"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pretrain",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medssl.pretrain",
            "volume_fusion", "--shards", str(built), "--out", str(out), "--preset", "tiny", "--steps", str(STEPS),
            "--no-progress", "train.log_every=1", "train.checkpoint_every=40", "train.picture_every=40",
            "data.num_workers=1", "train.micro_batch=2", "optim.lr=3e-3"]
@@ -39,8 +39,8 @@ def test_loss_falls(run):
 def test_export_carries_the_decoder_and_finetune_loads_both(run):
     from safetensors.torch import load_file
 
-    from finetune.config import load_config
-    from finetune.loading import build
+    from medssl.finetune.config import load_config
+    from medssl.finetune.loading import build
 
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     comp = manifest["components"]["decoder"]

@@ -1,7 +1,7 @@
 """The ``medssl`` console script: one entry point that dispatches to the package command lines.
 
-``medssl shards build …`` is ``python -m shards build …``. Under a launcher (torchrun, deepspeed)
-use the module form, which works everywhere: ``torchrun … -m pretrain …``.
+``medssl shards build …`` is ``python -m medssl.shards build …``. Under a launcher (torchrun, deepspeed)
+use the module form, which works everywhere: ``torchrun … -m medssl.pretrain …``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"shards": "shards.__main__", "pretrain": "pretrain.__main__", "finetune": "finetune.__main__"}
+COMMANDS = {"shards": "medssl.shards.__main__", "pretrain": "medssl.pretrain.__main__",
+            "finetune": "medssl.finetune.__main__"}
 
 
 def medssl_main(argv=None) -> int:
