@@ -9,6 +9,7 @@ checkpoints are consolidated in-process with DeepSpeed's ``get_fp32_state_dict_f
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,17 +28,33 @@ class ExportError(ValueError):
     """An export that cannot be read or does not match its weights; names the file and the fix."""
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
+    """Write a safetensors file with the permissions of any other file the process writes.
+
+    safetensors' ``save_file`` creates its file with mode 0600 whatever the umask, so an export shared
+    with a group would be unreadable to it; here the file is written beside its final name, given
+    ``0666 & ~umask`` and moved into place (a reader never sees half a file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+    return path
+
+
 def write_export(out: str | Path, backbone_name: str, backbone: nn.Module, state: dict[str, torch.Tensor],
                  meta: dict) -> Path:
     """Write ``state`` (backbone keys) and the manifest into ``out``; returns the folder.
 
     ``backbone`` (which may live on the meta device) supplies its constructor config and feature layout."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
-    save_file(tensors, str(out / BACKBONE_FILE), metadata={"format": "medssl", "version": str(FORMAT_VERSION)})
+    save_safetensors(tensors, out / BACKBONE_FILE, metadata={"format": "medssl", "version": str(FORMAT_VERSION)})
     cfg = dict(backbone.config)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -59,13 +76,11 @@ def write_component(out: Path, name: str, module: nn.Module, state: dict[str, to
     """Write a pretrained part beside the backbone (e.g. Volume Fusion's decoder) as ``<name>.safetensors``;
     returns its manifest entry: registry name and kwargs to rebuild it, the class-head prefix that
     fine-tuning re-initialises, sha256."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     if not state:
         raise ExportError(f"the checkpoint holds no '{name}.' keys for the {name} component")
     path = out / f"{name}.safetensors"
-    save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}, str(path),
+    save_safetensors({k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}, path,
               metadata={"format": "medssl", "version": str(FORMAT_VERSION), "component": name})
     return {"file": path.name, "registry": getattr(module, "registry_name", type(module).__name__),
             "kwargs": dict(module.config), "head": getattr(module, "head_prefix", "head."),
