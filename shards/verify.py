@@ -33,6 +33,26 @@ def load_samples(root: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def channel_counts(dirs) -> dict[int, int]:
+    """Channels per volume → number of volumes, over one or more finished shard sets.
+
+    Read from each set's ``samples.jsonl`` (``shape`` is channels, x, y, z), so no shard is opened.
+    A model's input channel count must match the shards: ``{1: 120}`` is single-channel data,
+    ``{2: 40}`` two-channel data, and more than one key means the sets mix channel counts.
+    ``dirs`` is a path or a list of paths; a folder that is not a finished shard set raises
+    ``FileNotFoundError`` naming it.
+    """
+    if isinstance(dirs, (str, Path)):
+        dirs = [dirs]
+    counts: dict[int, int] = {}
+    for d in dirs:
+        load_index(d)  # a clear error for a folder that is not a finished shard set
+        for s in load_samples(d):
+            c = int(s["shape"][0])
+            counts[c] = counts.get(c, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def iter_tar(path: str | Path, on_error):
     """Raw samples (member suffix → bytes) of one shard, read by webdataset; tar errors go to ``on_error``."""
     from webdataset.tariterators import tarfile_samples
