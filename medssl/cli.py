@@ -15,9 +15,15 @@ COMMANDS = {"shards": "medssl.shards.__main__", "pretrain": "medssl.pretrain.__m
 
 def medssl_main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        from medssl import __version__
+
+        print(f"medssl {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         known = ", ".join(sorted(COMMANDS))
-        msg = f"usage: medssl COMMAND [ARGS...]   (commands: {known}; `medssl COMMAND --help` for each)"
+        msg = (f"usage: medssl COMMAND [ARGS...] | medssl --version   (commands: {known}; `medssl COMMAND --help` "
+               "for each)")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"medssl: unknown command {argv[0]!r}\n{msg}", file=sys.stderr)
             return 2

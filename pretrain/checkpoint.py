@@ -73,12 +73,32 @@ def _looks_whole(path: Path, world: int) -> str | None:
     return None
 
 
-def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print) -> tuple[int, int, dict | None]:
-    """Load the newest complete checkpoint that loads on every rank: returns (step, samples, loader state)."""
-    for tag in complete_tags(ckpt_dir):
+class CheckpointMismatch(ValueError):
+    """A whole checkpoint that does not fit the configured model (another backbone, width, recipe)."""
+
+
+class CheckpointUnusable(ValueError):
+    """The checkpoint named with ``--resume PATH`` cannot be loaded."""
+
+
+_MISMATCH = ("size mismatch", "Missing key(s)", "Unexpected key(s)", "Error(s) in loading state_dict")
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    return isinstance(exc, (RuntimeError, KeyError, ValueError)) and any(m in str(exc) for m in _MISMATCH)
+
+
+def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print, tag: str | None = None) -> tuple[int, int, dict | None]:
+    """Load the newest complete checkpoint that loads on every rank: returns (step, samples, loader state).
+
+    With ``tag`` only that checkpoint is tried, and one that does not load ends the run. A checkpoint
+    that is whole but does not fit the model raises :class:`CheckpointMismatch` and is left as it is;
+    only unreadable or incomplete ones are moved aside as ``damaged-<tag>``."""
+    explicit = tag is not None
+    for tag in ([tag] if explicit else complete_tags(ckpt_dir)):
         path = ckpt_dir / tag
         problem = _looks_whole(path, world)
-        ok = 0.0
+        ok, mismatch = 0.0, 0.0
         if problem is None:
             try:
                 _, client = eng.load_checkpoint(str(ckpt_dir), tag=tag)
@@ -88,7 +108,14 @@ def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print) -> tuple[int, 
                     ok = 1.0
             except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not end the run
                 problem = f"{type(exc).__name__}: {exc}"
+                mismatch = 1.0 if _is_mismatch(exc) else 0.0
         # every rank must agree, or ranks would continue from different steps
+        if engine.all_reduce_max(mismatch):
+            first = (problem or "").splitlines()
+            raise CheckpointMismatch(
+                f"checkpoint {path} does not fit the configured model ({' '.join(first[:3])[:400]}); it was "
+                f"saved by another config. Resume with that run's config ({ckpt_dir.parent / 'config.yaml'}), "
+                f"or start a new run with another --out")
         if engine.all_reduce_max(0.0 if ok else 1.0) == 0.0:
             state = json.loads((path / f"loader_rank{rank}.json").read_text())
             saved = json.loads((path / "complete.json").read_text()).get("param_digest")
@@ -100,9 +127,38 @@ def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print) -> tuple[int, 
                 (ckpt_dir.parent / "resume.json").write_text(json.dumps(
                     {"tag": tag, "step": int(client["step"]), "saved_digest": saved, "loaded_digest": now}))
             return int(client["step"]), int(client.get("samples", 0)), state
+        if explicit:
+            why = problem or "failed on another rank"
+            raise CheckpointUnusable(f"--resume {path}: this checkpoint cannot be used ({why}); pick another tag "
+                                     f"in {ckpt_dir} or --resume auto")
         if rank == 0:
             print(f"warning: checkpoint {path} cannot be used ({problem or 'failed on another rank'}); "
                   f"falling back to an older one (moved aside as damaged-{tag})", file=sys.stderr, flush=True)
             path.rename(ckpt_dir / f"damaged-{tag}")  # or it would shadow the new ones of this run
         engine.barrier()
     return 0, 0, None
+
+
+# ------------------------------------------------------------------------------------- run dirs
+RUN_ITEMS = ("config.yaml", "checkpoints", "export", "metrics.jsonl", "pictures", "resume.json", "wandb")
+
+
+def run_items(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` belongs to a pretraining run (empty: a new or foreign folder)."""
+    run_dir = Path(run_dir)
+    found = []
+    for name in RUN_ITEMS:
+        p = run_dir / name
+        if p.is_file() or (p.is_dir() and any(p.iterdir())):
+            found.append(name)
+    return found
+
+
+def move_aside(run_dir: Path, dest: Path) -> list[str]:
+    """Move every run item of ``run_dir`` into ``dest`` (e.g. ``RUN/previous-20260101-120000``);
+    returns the names moved. Nothing is deleted."""
+    names = run_items(run_dir)
+    dest.mkdir(parents=True, exist_ok=False)
+    for name in names:
+        (run_dir / name).rename(dest / name)
+    return names

@@ -119,16 +119,24 @@ def _coerce(value, current, where: str):
             raise ConfigError(f"{where}={value!r} must be true or false")
         return value
     if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            value = type(current)(float(value)) if isinstance(current, float) else int(value)
+        try:  # YAML 1.1 reads "1e-3" and "1e3" (no dot) as strings
+            value = float(value)
         except ValueError:
             raise ConfigError(f"{where}={value!r} is not a number") from None
     if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if isinstance(current, int) and isinstance(value, float):
+        if not value.is_integer():  # 1e3 is 1000 steps; 1.5 steps is a mistake
+            raise ConfigError(f"{where}={value!r} must be a whole number, e.g. {where}={int(current)}")
+        return int(value)
     if isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
-        return list(value)
+    if isinstance(current, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        example = "[" + ",".join(str(v) for v in current) + "]" if current else "[1,2]"
+        raise ConfigError(f"{where}={value!r} must be a list: write {where}={example} (brackets, commas, "
+                          "no spaces, or quote the whole override)")
     if isinstance(current, dict) and isinstance(value, dict):
         return dict(value)
     if isinstance(current, str) and isinstance(value, str):
@@ -235,3 +243,33 @@ def config_from_dict(d: dict) -> RunConfig:
     cfg = RunConfig(recipe=d["recipe"], task=cls.config_class())
     merge(cfg, {k: v for k, v in d.items() if k != "recipe"})
     return cfg
+
+
+# ------------------------------------------------------------------------------------- resuming
+# Keys a resumed run may change: the run length (extending train.steps re-spreads the cosine over the
+# new total), how often it logs, draws and checkpoints, where wandb goes, and the run dir's own path.
+# Any other difference makes the checkpoints a different model or data stream.
+RESUMABLE_KEYS = ("out", "train.steps", "train.log_every", "train.picture_every", "train.checkpoint_every",
+                  "train.keep_last", "train.wandb", "train.wandb_project")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"steps": 3}}`` → ``{"train.steps": 3}`` (lists and ``model.kwargs`` entries as leaves)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict, allowed=RESUMABLE_KEYS) -> tuple[list, list]:
+    """(refusing, allowed) differences between two resolved configs, each as ``(key, old, new)``.
+    A key absent on one side reads as ``None`` there."""
+    a, b = flatten(old), flatten(new)
+    refusing, ok = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            (ok if key in allowed else refusing).append((key, a.get(key), b.get(key)))
+    return refusing, ok

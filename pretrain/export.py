@@ -106,8 +106,6 @@ def preprocessing_from(cfg) -> dict:
 
 def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None, log=print) -> Path:
     """Consolidate a run's newest (or ``tag``) checkpoint to fp32 and write ``run_dir/export``."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from .backbones import build_backbone
     from .checkpoint import complete_tags
     from .config import config_from_dict
@@ -116,8 +114,11 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir}: no such folder; give a pretraining run dir (the --out of python -m medssl.pretrain)")
     if not cfg_path.exists():
-        raise ExportError(f"{cfg_path} not found: {run_dir} is not a pretraining run dir")
+        raise ExportError(f"{cfg_path} not found: {run_dir} is not a pretraining run dir (it holds config.yaml and "
+                          "checkpoints/; give the --out of python -m medssl.pretrain)")
     cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
     ckpt_dir = run_dir / "checkpoints"
     tags = complete_tags(ckpt_dir)
@@ -125,7 +126,16 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
         if not tags:
             raise ExportError(f"no complete checkpoint in {ckpt_dir}: train first (python -m medssl.pretrain {cfg.recipe} …)")
         tag = tags[0]
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    elif tag not in tags:
+        raise ExportError(f"--tag {tag}: no complete checkpoint {ckpt_dir / tag} (complete ones: "
+                          f"{', '.join(tags) or 'none'})")
+    from .engine import quiet, quiet_libraries
+
+    quiet_libraries()
+    with quiet():  # DeepSpeed prints its accelerator, its parsing steps and a progress bar
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with quiet():  # DeepSpeed prints its parsing steps and a progress bar
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone_state:
         raise ExportError(f"checkpoint {ckpt_dir / tag} holds no 'backbone.' keys; is it a medssl run?")

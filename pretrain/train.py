@@ -103,17 +103,56 @@ def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
     return shards.stream(d.shards, sc, rank=env.rank, world_size=env.world_size)
 
 
-def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, progress: bool = True) -> Path:
-    """Run (or continue) a pretraining run; returns the run dir. Call on every rank."""
-    import deepspeed
-    from tqdm import tqdm
+def summary(cfg: RunConfig, env: engine.DistEnv, task, plan, start: int, resumed_from: str | None) -> str:
+    """Rank 0's start summary: what runs, on what, with which batch and data, resuming from where."""
+    t = cfg.train
+    n_backbone = sum(p.numel() for p in task.backbone.parameters())
+    n_task = sum(p.numel() for p in task.parameters())
+    data = getattr(plan, "data", None) or {}
+    global_batch = engine.check_batch(cfg, env.world_size)
+    if resumed_from:
+        state = f"resumed from {resumed_from} at step {start}"
+    elif plan is not None and plan.resume == "none":
+        state = "new run (--resume none)"
+    else:
+        state = "new run (no checkpoint in the run dir)"
+    lines = [
+        f"medssl pretrain {cfg.recipe}: backbone {cfg.model.backbone} ({n_backbone / 1e6:.2f} M parameters; "
+        f"{n_task / 1e6:.2f} M with the pretext heads)",
+        f"  world {env.world_size} x {env.device.type}; batch {t.micro_batch} micro x {t.grad_accum} accum x "
+        f"{env.world_size} world = {global_batch} global; precision {engine.precision(cfg, env.device)}; "
+        f"ZeRO stage {t.zero_stage}",
+        f"  data: {len(cfg.data.shards)} shard set(s) ({', '.join(cfg.data.shards)}), "
+        f"{data.get('volumes', '?')} volumes, {data.get('channels', cfg.model.kwargs.get('in_chans', 1))} channel(s), "
+        f"crop {list(cfg.data.crop_size)}",
+        f"  steps {start} -> {t.steps}; run dir {cfg.out}; {state}",
+    ]
+    for key, old, new in getattr(plan, "changed", None) or []:
+        if key != "out":
+            lines.append(f"  changed on resume: {key} {old!r} -> {new!r}")
+    return "\n".join(lines)
+
+
+def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, progress: bool = True,
+          plan=None) -> Path:
+    """Run (or continue) a pretraining run; returns the run dir. Call on every rank.
+
+    ``resume``: ``auto`` | ``none`` | a checkpoint tag (``plan.resume_dir`` holds its folder). ``plan``
+    (from ``python -m medssl.pretrain``'s argument phase) may name a folder to move the old run into.
+    ``progress=False`` drops the terminal bar; the plain lines every ``train.log_every`` steps stay."""
+    from .progress import Progress
 
     # DeepSpeed's ZeRO-1/2 still calls a collective torch marks deprecated; say it once in the docs, not per step
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     env = engine.init_distributed()
+    with engine.quiet():
+        import deepspeed
     run_dir = Path(cfg.out)
     ckpt_dir = run_dir / "checkpoints"
     if env.is_main:
+        if plan is not None and plan.move_aside:
+            moved = checkpoint.move_aside(run_dir, Path(plan.move_aside))
+            print(f"--overwrite: moved the previous run's {', '.join(moved)} to {plan.move_aside}", flush=True)
         (run_dir / "pictures").mkdir(parents=True, exist_ok=True)
         cfg.dump(run_dir / "config.yaml")
     engine.barrier()
@@ -122,25 +161,34 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     task = build_task(cfg)
     optimizer = make_optimizer(task.param_groups(cfg.optim.weight_decay), cfg)
     ds_config = engine.deepspeed_config(cfg, env.world_size, env.device, ds_user)
-    eng, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+    with engine.quiet():
+        eng, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
 
     start, samples, loader_state = (0, 0, None)
+    resumed_from = None
     if resume != "none":
-        start, samples, loader_state = checkpoint.resume(eng, ckpt_dir, env.rank, env.world_size,
-                                                          log=print if env.is_main else (lambda *_: None))
+        tag = None if resume == "auto" else resume
+        src = Path(plan.resume_dir) if (tag and plan is not None and plan.resume_dir) else ckpt_dir
+        start, samples, loader_state = checkpoint.resume(eng, src, env.rank, env.world_size,
+                                                          log=lambda *_: None, tag=tag)
+        if start:
+            resumed_from = str(src / json.loads((run_dir / "resume.json").read_text())["tag"]) if env.is_main else "?"
+    if env.is_main:
+        print(summary(cfg, env, task, plan, start, resumed_from), flush=True)
     loader = make_stream(cfg, env, cfg.train.seed)
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     batches = iter(loader)
     global_batch = engine.check_batch(cfg, env.world_size)
     log = RunLog(cfg, run_dir, env.is_main)
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (env.is_main and progress), unit="step",
-               desc=cfg.recipe, dynamic_ncols=True)
+    bar = Progress(cfg.train.steps, initial=start, desc=cfg.recipe, every=cfg.train.log_every, enabled=env.is_main,
+                   bar=None if progress else False)
     prec = engine.precision(cfg, env.device)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
     t_last, s_last, bad_in_row = time.time(), samples, 0
     step = start
     batch = None
+    shown: dict = {}
     while step < cfg.train.steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -154,8 +202,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
             if engine.all_reduce_max(0.0 if torch.isfinite(loss.detach()).all() else 1.0):
                 keys = engine.all_gather_object(batch["key"])
                 if env.is_main:
-                    print(f"warning: non-finite loss at step {step}; batch volumes per rank: {keys} — skipped",
-                          file=sys.stderr, flush=True)
+                    bar.write(f"warning: non-finite loss at step {step}; batch volumes per rank: {keys} — skipped")
                 bad_in_row += 1
                 if bad_in_row >= 10:
                     raise FloatingPointError(f"10 non-finite losses in a row at step {step}: lower optim.lr, "
@@ -168,7 +215,6 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                 scalars[k] = scalars.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.train.grad_accum
         step += 1
         samples += global_batch
-        bar.update(1)
         if env.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             now = time.time()
             rate = (samples - s_last) / max(now - t_last, 1e-9)
@@ -176,7 +222,8 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
             record = {"step": step, "lr": lr, "samples": samples, "samples_per_s": rate, **scalars,
                       "stream_errors": loader.errors}
             log.write(record)
-            bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
+            shown = {"loss": float(scalars.get("loss", float("nan"))), "lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
+        bar.update(step, **shown)
         if env.is_main and cfg.train.picture_every and (step % cfg.train.picture_every == 0 or step == cfg.train.steps):
             _picture(eng.module, batch, run_dir / "pictures" / f"step{step:08d}.png")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
