@@ -57,7 +57,8 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 train.micro_batch=8")
-    p.add_argument("--shards", nargs="+", help="shard set folders (python -m medssl.shards build); required to train")
+    p.add_argument("--shards", nargs="+", action="extend", help="shard set folders (python -m medssl.shards build; "
+                   "--shards A B or --shards A --shards B); required to train")
     p.add_argument("--out", help="run dir: config, metrics.jsonl, checkpoints, pictures, export; required to train")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--preset", help="a named preset of the recipe, e.g. tiny")
@@ -208,7 +209,12 @@ def resolve(args) -> tuple:
     check_batch(cfg, world)
     ds_user = read_deepspeed_json(args.deepspeed_config) if args.deepspeed_config else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    deepspeed_config(cfg, world, device, ds_user)  # conflicts with the recipe's batch, precision, ZeRO stage
+    try:  # conflicts with the recipe's batch, precision, ZeRO stage
+        deepspeed_config(cfg, world, device, ds_user)
+    except ConfigError as exc:
+        if not args.deepspeed_config:
+            raise
+        raise ConfigError(str(exc).replace("--deepspeed-config", f"--deepspeed-config {args.deepspeed_config}", 1)) from None
     return cfg, ds_user, plan
 
 

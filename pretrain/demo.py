@@ -28,9 +28,12 @@ def run(out: Path, steps: int, nproc: int, seed: int = 0, ft_steps: int = 150, n
     print(f"medssl demo: data, {steps} pretraining steps of hi_end_mae (tiny) on {nproc} CPU process(es)"
           + (f", then 2 x {ft_steps} fine-tuning steps (pretrained vs scratch, {n_train} labelled volumes)" if ft_steps else "")
           + f"; expect about {expect:.0f} minutes on 2 cores")
-    rc = shards_demo(out, seed=seed)
+    print("[data] the shards part of the demo (python -m medssl.shards demo)")
+    with _DataStageLines(sys.stdout):
+        rc = shards_demo(out, seed=seed)
     if rc:
         return rc
+    print(f"[data] shards ready in {time.time() - t0:.0f} s; pretraining next")
     run_dir = out / "runs" / "hi_end_mae_tiny"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "medssl.pretrain", "hi_end_mae", "--shards", str(out / "shards"), "--out", str(run_dir),
@@ -63,6 +66,39 @@ def run(out: Path, steps: int, nproc: int, seed: int = 0, ft_steps: int = 150, n
             return rc
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
     return 0
+
+
+class _DataStageLines:
+    """Passes the shards demo's output through, except its closing "demo finished in N s" line: here the
+    shards are only the first stage, so that line would announce the end before pretraining starts."""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not line.startswith("demo finished in "):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __enter__(self):
+        import contextlib
+
+        self._redirect = contextlib.redirect_stdout(self)
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        if self.pending and not self.pending.startswith("demo finished in "):
+            self.stream.write(self.pending)
+        self.stream.flush()
+        return False
 
 
 def finetune_demo(out: Path, export: Path, steps: int, n_train: int, seed: int, env: dict) -> int:
