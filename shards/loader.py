@@ -9,9 +9,13 @@ Assignment
     *Training* (``mode="train"``) is infinite. Epoch ``e`` draws a permutation of all shards from
     ``(seed, e)`` — the same on every rank — and slices it by rank, then by worker. When there are
     fewer shards than ranks × workers the permutation is repeated (with fresh draws) until every slot
-    has shards. Every rank takes exactly ``samples_per_epoch // world_size`` volumes per epoch (split
-    evenly across its workers), reading further shards of its slice when its first ones run out, so
-    ranks never run dry at different times. *Evaluation* (``mode="eval"``) passes over every sample
+    has shards; slots sharing a shard split its samples, and a slot whose split would be empty (fewer
+    samples in the shard than slots on it) reuses one, ``offset % samples``. Every rank takes exactly
+    ``max(samples_per_epoch // world_size, num_workers)`` volumes per epoch (split evenly across its
+    workers, so every worker has at least one: with fewer volumes than ranks × workers, volumes repeat
+    within an epoch, and the stream says so once on stderr), reading further shards of its slice when
+    its first ones run out, so ranks never run dry at different times. Any number of volumes ≥ 1 works
+    for any number of ranks and workers. *Evaluation* (``mode="eval"``) passes over every sample
     exactly once across all ranks and workers, in index order: contiguous ranges of the global sample
     list, by rank then by worker (rank counts differ by at most one).
 
@@ -24,7 +28,12 @@ Per worker
 
 Damaged data
     A tar member that does not decode or fails its checksum is skipped and counted; the stream goes on
-    and the count reaches the caller (``loader.errors``, ``loader.error_messages``).
+    and the count reaches the caller (``loader.errors``, ``loader.error_messages``). A training worker
+    that meets only damaged or unreadable data raises with the last error instead of searching forever.
+
+Waiting
+    Nothing waits without a bound: the loader raises when a DataLoader worker delivers no batch within
+    ``StreamConfig.timeout`` seconds (default 600; raise it for huge volumes on slow storage).
 
 Resumption
     ``loader.state_dict()`` is a small JSON-able cursor (per worker: epoch and next volume);
@@ -69,6 +78,7 @@ class StreamConfig:
     check: bool = True  # verify each voxel member's CRC-32 when reading
     samples_per_epoch: int | None = None  # volumes per epoch over all ranks; default: all of them
     prefetch_factor: int = 2
+    timeout: float = 600.0  # seconds to wait for one batch from a DataLoader worker before raising
 
     def __post_init__(self):
         if isinstance(self.window, dict):
@@ -87,6 +97,8 @@ class StreamConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout={self.timeout} must be a positive number of seconds")
 
 
 def _rank_world(rank, world_size) -> tuple[int, int]:
@@ -112,14 +124,33 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.total == 0:
             raise ValueError(f"no samples in {', '.join(map(str, dirs))}")
         per_epoch = cfg.samples_per_epoch or self.total
-        self.rank_budget = per_epoch // world_size
-        if cfg.mode == "train" and self.rank_budget == 0:
-            raise ValueError(f"samples_per_epoch {per_epoch} < world size {world_size}: every rank needs a volume")
+        if per_epoch < 1:
+            raise ValueError(f"samples_per_epoch={per_epoch} must be at least 1")
+        workers = max(1, cfg.num_workers)
+        # every worker of every rank reads at least one volume per epoch: a worker with nothing to read
+        # would never deliver a batch, and the DataLoader waits for each worker in turn
+        self.rank_budget = max(per_epoch // world_size, workers)
+        if cfg.mode == "train" and per_epoch // world_size < workers and rank == 0:
+            print(f"shards.stream: {per_epoch} volume(s) per epoch for {world_size} rank(s) × {workers} "
+                  f"worker(s): volumes repeat so that every worker has one ({self.rank_budget} per rank per "
+                  f"epoch); fewer workers (num_workers) repeat less", file=sys.stderr, flush=True)
         self.cursors: dict[int, dict] = {}  # worker -> {"epoch", "next"} set by ShardLoader.load_state_dict
 
     # ------------------------------------------------------------------ assignment
     def worker_budget(self, worker: int, workers: int) -> int:
-        return self.rank_budget // workers + (worker < self.rank_budget % workers)
+        """Volumes per epoch of one worker of this rank: an even split of the rank's budget, at least one."""
+        budget = max(self.rank_budget, workers)
+        return budget // workers + (worker < budget % workers)
+
+    @staticmethod
+    def reads(ordinal: int, count: int, stride: int, offset: int) -> bool:
+        """Whether a ``(shard, stride, offset)`` part reads sample ``ordinal`` of a shard that ``index.json``
+        says holds ``count`` samples: every ``stride``-th from ``offset``; when that would be none (more
+        slots on the shard than samples in it), sample ``offset % count``, so that every part gives its
+        slot something to read."""
+        if offset < count or count == 0:
+            return ordinal % stride == offset
+        return ordinal == offset % count
 
     def train_shards(self, epoch: int, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:
         """Infinite ``(shard, stride, offset)`` of one (rank, worker) slot in ``epoch``: rank slice, then
@@ -150,9 +181,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Raw samples of ``(shard, stride, offset)`` parts: the shard's samples with ordinal % stride == offset."""
         empty_streak = 0  # shards in a row that gave nothing: stop instead of spinning forever
         for sid, stride, offset in parts:
+            path, count = self.shards[sid]
             n = 0
-            for n, raw in enumerate(iter_tar(self.shards[sid][0], errors.add), start=1):
-                if (n - 1) % stride != offset:
+            for n, raw in enumerate(iter_tar(path, errors.add), start=1):
+                if not self.reads(n - 1, count, stride, offset):
                     continue
                 raw["__ordinal__"] = n - 1
                 raw["__shard__"] = sid
@@ -174,6 +206,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         cur = self.cursors.get(worker, {"epoch": 0, "next": 0})
         epoch, skip = int(cur["epoch"]), int(cur["next"])
         budget = self.worker_budget(worker, workers)
+        if budget < 1:  # cannot happen with worker_budget's floor; never loop without yielding
+            raise RuntimeError(f"shards.stream: rank {self.rank} worker {worker} has no volume to read")
+        # a worker that meets nothing but damaged samples raises instead of searching forever
+        damaged, limit = 0, max(2 * self.total, 16)
         while True:
             rng = np.random.default_rng([self.cfg.seed, self.rank, worker, epoch, 1])
             buf: list[dict] = []
@@ -189,7 +225,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 dec = self._decode(raw, errors)
                 if dec is None:
+                    damaged += 1
+                    if damaged >= limit:
+                        raise RuntimeError(
+                            f"shards.stream: rank {self.rank} worker {worker}: the last {damaged} samples were "
+                            f"all damaged (last: {errors.messages[-1] if errors.messages else '?'}); check "
+                            f"the shard set with `python -m medssl.shards verify DIR`")
                     continue  # damaged: the budget is filled from the next sample
+                damaged = 0
                 yield (epoch, ordinal, *dec)
                 ordinal += 1
             epoch, skip = epoch + 1, 0
@@ -383,8 +426,9 @@ class ShardLoader:
             collate_fn=_collate,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
             persistent_workers=False,
+            timeout=cfg.timeout if cfg.num_workers else 0,
         )
-        for batch in dl:
+        for batch in _bounded(dl, cfg.timeout, self.dataset.rank):
             w = batch.pop("_worker")
             self._errors[w] = batch.pop("_errors")
             for m in batch.pop("_messages"):
@@ -394,6 +438,24 @@ class ShardLoader:
                 self._cursors[w] = batch.pop("_cursor")
             if "image" in batch:
                 yield batch
+
+
+def _bounded(dl, timeout: float, rank: int):
+    """The DataLoader's batches; its timeout error, reworded to say what was waited for and what to change."""
+    it = iter(dl)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if "timed out" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"shards.stream: rank {rank}: no batch from a DataLoader worker within {timeout:g} s; the "
+                f"worker is stuck reading or decoding (slow storage? a huge volume?). Raise "
+                f"StreamConfig.timeout or use fewer, faster-to-read shards") from None
+        yield batch
 
 
 def stream(shards: str | Path | Sequence[str | Path], config: StreamConfig | None = None, *,

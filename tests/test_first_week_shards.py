@@ -14,3 +14,119 @@ def test_point7_channel_counts_reads_samples_jsonl(built):
     assert channel_counts(built) == counts
     with pytest.raises(FileNotFoundError, match="not a finished shard set"):
         channel_counts([built / "nope"])
+
+
+# ---------------------------------------------------------------------------------- few volumes
+@pytest.fixture(scope="module")
+def few(tmp_path_factory):
+    """Shard sets of 1 and of 4 small CT phantoms (one volume per shard in the 4-volume set)."""
+    from medssl.shards.build import BuildConfig, build
+    from medssl.shards.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("few")
+    synth_dataset(root / "raw", n=4, seed=5, modality="CT", fov_scale=0.25, progress=False)
+    one = root / "one"
+    first = sorted((root / "raw" / "imagesTr").iterdir())[0]
+    build(BuildConfig(inputs=[str(first)]), one, workers=1, progress=False)
+    four = root / "four"
+    build(BuildConfig(inputs=[str(root / "raw")], shard_size="1k"), four, workers=1, progress=False)
+    return {"one": one, "four": four}
+
+
+_STREAM_RANKS = """
+import itertools, sys, json
+from medssl import shards
+d, world, workers, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+got = []
+for rank in range(world):
+    loader = shards.stream(d, crop_size=(16, 16, 16), crops_per_volume=2, batch_size=2, num_workers=workers,
+                           pool_size=1, shuffle_buffer=1, rank=rank, world_size=world, timeout=60)
+    got.append([b["image"].shape[0] for b in itertools.islice(loader, n)])
+print(json.dumps(got))
+"""
+
+
+def _stream_ranks(d, world, workers, n, deadline=150):
+    """Batches per rank from a fresh interpreter, killed after ``deadline`` s so that a hang fails the test."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _STREAM_RANKS, str(d), str(world), str(workers), str(n)],
+                              capture_output=True, text=True, timeout=deadline)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"stream of {d} over {world} ranks × {workers} workers hung for {deadline} s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_point4_one_volume_two_workers_two_ranks_streams(few):
+    got, err = _stream_ranks(few["one"], world=2, workers=2, n=6)
+    assert got == [[2] * 6, [2] * 6]
+    assert "volumes repeat" in err, "the stream says that it repeats volumes"
+
+
+def test_point4_four_volumes_world_four_two_workers_streams(few):
+    got, _ = _stream_ranks(few["four"], world=4, workers=2, n=5)
+    assert got == [[2] * 5] * 4
+
+
+def test_point4_every_slot_reads_a_volume_every_epoch(few):
+    """In process, per slot: at least one volume per epoch, equal totals per rank, over several epochs."""
+    import itertools
+    from collections import Counter
+
+    from medssl.shards.loader import ShardStream, StreamConfig, _ErrorLog
+
+    for d, world, workers in ((few["one"], 2, 2), (few["four"], 4, 2), (few["four"], 3, 4)):
+        per_rank = []
+        for rank in range(world):
+            ds = ShardStream([d], StreamConfig(crop_size=(16, 16, 16), num_workers=workers, shuffle_buffer=1),
+                             rank, world)
+            epochs = Counter()
+            for w in range(workers):
+                budget = ds.worker_budget(w, workers)
+                assert budget >= 1
+                for epoch, *_ in itertools.islice(ds._train_volumes(w, workers, _ErrorLog()), 3 * budget):
+                    epochs[epoch] += 1
+            assert set(epochs) == {0, 1, 2}
+            per_rank.append(epochs)
+        assert all(p == per_rank[0] for p in per_rank)
+
+
+def test_point4_eval_mode_still_exactly_once(few):
+    from medssl import shards
+    from medssl.shards.verify import load_samples
+
+    keys = []
+    for rank in range(4):
+        loader = shards.stream(few["four"], crop_size=(16, 16, 16), crops_per_volume=1, batch_size=1,
+                               num_workers=2, mode="eval", rank=rank, world_size=4)
+        keys += [k for b in loader for k in b["key"]]
+    assert sorted(keys) == sorted(s["key"] for s in load_samples(few["four"]))
+
+
+def test_point4_a_worker_with_only_damaged_data_raises(few, tmp_path):
+    """A shard set whose every sample fails its checksum: the stream raises with the reason, no spinning."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    bad = tmp_path / "bad"
+    shutil.copytree(few["one"], bad)
+    path = next(bad.glob("shard-*.tar"))
+    with tarfile.open(path) as tf:
+        m = next(m for m in tf.getmembers() if ".npy" in m.name and ".seg." not in m.name)
+    blob = bytearray(path.read_bytes())
+    for off in range(m.offset_data + 100, m.offset_data + 160):
+        blob[off] ^= 0x5A
+    path.write_bytes(bytes(blob))
+    code = ("import sys\nfrom medssl import shards\n"
+            "next(iter(shards.stream(sys.argv[1], crop_size=(16, 16, 16), batch_size=1, num_workers=0)))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a stream of damaged samples searched for 120 s instead of raising")
+    assert proc.returncode != 0 and "all damaged" in proc.stderr and "checksum" in proc.stderr

@@ -141,7 +141,8 @@ def test_training_epochs_cover_all_shards_and_reshuffle(built):
 @pytest.mark.parametrize("world,workers", [(2, 1), (3, 2), (4, 2)])
 def test_slots_read_disjoint_samples_within_a_round(built, world, workers):
     """Within one round every (rank, worker) slot reads different samples, also when there are fewer
-    shards than slots (then the slots sharing a shard split its samples)."""
+    shards than slots (then the slots sharing a shard split its samples); only a slot whose split of a
+    shard would be empty (more slots on the shard than samples in it) reuses one of its samples."""
     counts = [s["samples"] for s in load_index(built)["shards"]]
     owner = {}
     for rank in range(world):
@@ -150,10 +151,15 @@ def test_slots_read_disjoint_samples_within_a_round(built, world, workers):
         for w in range(workers):
             per_slot = len(range(n_parts)[rank::world][w::workers])
             for sid, stride, offset in itertools.islice(ds.train_shards(0, w, workers), per_slot):
-                for i in range(counts[sid]):
-                    if i % stride == offset:
-                        assert (sid, i) not in owner, f"sample {i} of shard {sid} read by two slots"
-                        owner[(sid, i)] = (rank, w)
+                read = [i for i in range(counts[sid]) if ds.reads(i, counts[sid], stride, offset)]
+                assert read, "every part gives its slot a sample"
+                if offset >= counts[sid]:
+                    assert read == [offset % counts[sid]]
+                    continue
+                assert read == [i for i in range(counts[sid]) if i % stride == offset]
+                for i in read:
+                    assert (sid, i) not in owner, f"sample {i} of shard {sid} read by two slots"
+                    owner[(sid, i)] = (rank, w)
     assert len(owner) == sum(counts), "one round covers every sample"
 
 
