@@ -312,7 +312,7 @@ def main(argv=None) -> int:
             cfg = load_config(args.recipe, args.overrides, args.preset)
             if args.steps is not None:
                 set_dotted(cfg, "train.steps", args.steps)
-        except (ConfigError, KeyError) as exc:
+        except (ValueError, KeyError) as exc:
             return _error(exc.args[0] if isinstance(exc, KeyError) else str(exc))
         cfg.data.shards = list(args.shards)
         cfg.out = args.out or ""
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                       f"with --resume {args.resume} the run is continued, not replaced")
     try:
         cfg, ds_user, plan = resolve(args)
-    except (ConfigError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:  # ConfigError, and the constructors' argument checks
         return _error(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     from .checkpoint import CheckpointMismatch, CheckpointUnusable
     from .train import train
