@@ -78,7 +78,7 @@ def _verify_parser(sub) -> None:
 
 
 def _info_parser(sub) -> None:
-    p = sub.add_parser("info", help="volumes, modalities, spacing and size distributions, bytes",
+    p = sub.add_parser("info", help="volumes, modalities, channels, spacing and size distributions, bytes",
                        description="Describe a shard set from its index.json and samples.jsonl.")
     p.add_argument("dir", help="a shard set (folder with index.json)")
 

@@ -2,8 +2,8 @@
 
 ``verify`` recomputes every shard's sha256, decodes every sample (checking each voxel member's
 CRC-32, shape and dtype against its JSON) and compares the counts and keys with ``index.json`` and
-``samples.jsonl``. ``info`` summarises what a shard set holds: volumes per modality, spacing and size
-distributions, bytes.
+``samples.jsonl``. ``info`` summarises what a shard set holds: volumes and channels per modality,
+spacing and size distributions, bytes.
 """
 
 from __future__ import annotations
@@ -172,9 +172,14 @@ def info(root: str | Path) -> str:
     rows = []
     for m in mods:
         sub = [s for s in samples if s["modality"] == m]
-        rows.append([m, len(sub), sum(s["labelled"] for s in sub), f"{sum(s['bytes'] for s in sub) / 1e6:.1f}",
-                     f"{np.mean([s['bytes'] for s in sub]) / 1e6:.2f}"])
-    lines += [table(["modality", "volumes", "labelled", "MB", "MB/volume"], rows), ""]
+        chans = sorted({int(s["shape"][0]) for s in sub})
+        rows.append([m, len(sub), ",".join(map(str, chans)), sum(s["labelled"] for s in sub),
+                     f"{sum(s['bytes'] for s in sub) / 1e6:.1f}", f"{np.mean([s['bytes'] for s in sub]) / 1e6:.2f}"])
+    lines += [table(["modality", "volumes", "channels", "labelled", "MB", "MB/volume"], rows), ""]
+    counts = channel_counts(root)
+    lines += ["channels per volume: " + ", ".join(f"{c} ({n} volume{'s' * (n != 1)})" for c, n in counts.items())
+              + ("  -- MIXED: a model takes one channel count; build sets of one channel count"
+                 if len(counts) > 1 else ""), ""]
     rows = []
     # stored volumes are RAS (x, y, z); sources keep their own voxel axes (i, j, k)
     for label, field_, fmt, names in (("stored spacing (mm)", "spacing", "{:.2f}", "xyz"),

@@ -3,6 +3,7 @@ modality, multi-channel inputs, and output folders that must not be raw dataset 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from medssl.shards.verify import channel_counts
@@ -130,3 +131,63 @@ def test_point4_a_worker_with_only_damaged_data_raises(few, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("a stream of damaged samples searched for 120 s instead of raising")
     assert proc.returncode != 0 and "all damaged" in proc.stderr and "checksum" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- multi-channel
+@pytest.fixture(scope="module")
+def two_channel(tmp_path_factory):
+    """A 2-channel nnU-Net dataset (CASE_0000 T1-like, CASE_0001 a second contrast) built into shards."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from medssl.shards.build import BuildConfig, build
+    from medssl.shards.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("twochan")
+    raw = root / "Dataset950_TwoChannel"
+    synth_dataset(raw, n=2, seed=8, modality="MR", fov_scale=0.25, progress=False)
+    for f in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
+        img = nib.load(f)
+        second = (np.asarray(img.dataobj, np.float32).max() - np.asarray(img.dataobj, np.float32)) * 0.5
+        nib.save(nib.Nifti1Image(second, img.affine), str(f).replace("_0000.nii.gz", "_0001.nii.gz"))
+    desc = json.loads((raw / "dataset.json").read_text())
+    desc["channel_names"] = {"0": "T1", "1": "T2"}
+    (raw / "dataset.json").write_text(json.dumps(desc))
+    out = root / "shards"
+    build(BuildConfig(inputs=[str(raw)]), out, workers=1, progress=False)
+    return out
+
+
+def test_point7_two_channel_set_builds_and_streams_two_channel_crops(two_channel):
+    from medssl import shards
+    from medssl.shards.verify import info
+
+    assert channel_counts(two_channel) == {2: 2}
+    text = info(two_channel)
+    assert "channels per volume: 2 (2 volumes)" in text
+    row = next(line for line in text.splitlines() if line.startswith("MR "))
+    assert row.split()[1:3] == ["2", "2"], row  # 2 volumes, 2 channels
+    batch = next(iter(shards.stream(two_channel, crop_size=(16, 16, 16), crops_per_volume=2, batch_size=2,
+                                    num_workers=0, rank=0, world_size=1)))
+    assert tuple(batch["image"].shape) == (2, 2, 16, 16, 16)
+    assert tuple(batch["label"].shape) == (2, 1, 16, 16, 16)
+    # the two channels are different images of the same region, not one channel repeated
+    assert not np.allclose(batch["image"][:, 0].numpy(), batch["image"][:, 1].numpy())
+
+
+def test_point7_info_flags_sets_that_mix_channel_counts(two_channel, few, tmp_path, capsys):
+    from medssl.shards.__main__ import main
+    from medssl.shards.build import BuildConfig, build
+
+    assert channel_counts([two_channel, few["one"]]) == {1: 1, 2: 2}
+    assert main(["info", str(few["one"])]) == 0
+    out = capsys.readouterr().out
+    assert "channels per volume: 1 (1 volume)" in out and "MIXED" not in out
+    mixed = tmp_path / "mixed"
+    one_ct = sorted((few["one"].parent / "raw" / "imagesTr").iterdir())[0]
+    build(BuildConfig(inputs=[str(two_channel.parent / "Dataset950_TwoChannel"), str(one_ct)]), mixed, workers=1, progress=False)
+    assert main(["info", str(mixed)]) == 0
+    out = capsys.readouterr().out
+    assert "channels per volume: 1 (1 volume), 2 (2 volumes)  -- MIXED" in out
