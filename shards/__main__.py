@@ -34,8 +34,10 @@ a CSV list with a header 'path,modality[,label]', a folder of NIfTI files, a fol
                         f"(default {DEFAULT_CODEC})")
     p.add_argument("--shard-size", default="512MB", help="target shard size, e.g. 256MB, 1GB (default 512MB)")
     p.add_argument("--crop-body", action="store_true", help="crop each volume to the body's bounding box")
-    p.add_argument("--modality", default="CT", choices=["CT", "MR"],
-                   help="modality of plain NIfTI/DICOM folders (datasets and CSV lists name their own)")
+    p.add_argument("--modality", default=None, choices=["CT", "MR"],
+                   help="modality of plain NIfTI/DICOM folders and files (datasets and CSV lists name their own; "
+                        "DICOM has a Modality tag). Without it, volumes are stored as CT only when their "
+                        "intensities look like Hounsfield units; otherwise the build stops and asks for it")
     p.add_argument("--include-test", action="store_true", help="also take imagesTs/ of nnU-Net/MSD datasets")
     p.add_argument("--no-labels", action="store_true", help="leave labels out even where they exist")
     p.add_argument("--workers", type=int, default=None, help="preprocessing processes (default: cores, at most 8)")

@@ -53,11 +53,13 @@ class BuildConfig:
     codec: str = DEFAULT_CODEC
     shard_size: str = "512MB"  # target bytes per shard
     crop_body: bool = False
-    modality: str = "CT"  # for plain NIfTI/DICOM folders (datasets and CSVs name their own)
+    modality: str | None = None  # for plain NIfTI/DICOM folders and files; None: decided from the intensities
     include_test: bool = False
     labels: bool = True
 
     def validate(self) -> None:
+        if self.modality not in (None, "CT", "MR"):
+            raise ValueError(f"modality {self.modality!r} must be CT or MR")
         if self.codec not in CODECS:
             raise ValueError(f"codec {self.codec!r} unknown; choose one of {', '.join(CODECS)}")
         parse_spacing(self.spacing)
@@ -116,7 +118,9 @@ def _process(item: int, src: dict, spacing, crop_body: bool, codec: str) -> dict
             "labelled": prep.label is not None,
             "bytes": sum(len(v) for k, v in sample.items() if k != "__key__"),
         }
-        return {"item": item, "ok": True, "sample": sample, "info": info}
+        note = meta.get("modality_inferred", "")
+        return {"item": item, "ok": True, "sample": sample, "info": info,
+                "warning": note if "ambiguous" in note else None}
     except InputError as exc:
         rec = exc.to_record()
     except MemoryError:
@@ -206,6 +210,7 @@ def build(
     target = parse_size(config.shard_size)
     sources: list[Source] = discover(config.inputs, config.modality, config.include_test, config.labels)
     fp = {"format": FORMAT_VERSION, "config": config.fingerprint(), "sources": [s.to_record() for s in sources]}
+    _probe_undeclared(sources, log)
 
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "build.json"
@@ -287,6 +292,8 @@ def build(
             item = res["item"]
             if res["ok"]:
                 info = res["info"]
+                if res.get("warning"):
+                    bar.write(f"warning: {res['sample']['__key__']}: {res['warning']}")
                 if writer is not None and writer.count and writer.payload + info["bytes"] > target:
                     commit(item)
                 if writer is None:
@@ -340,6 +347,34 @@ def build(
     result.samples, result.shards, result.bytes = len(infos), len(shards), index["bytes"]
     result.errors, result.seconds = errors, time.time() - t0
     return result
+
+
+def _probe_undeclared(sources: list[Source], log, tries: int = 5) -> None:
+    """Before anything is written: for each input whose modality nothing declares, look at the
+    intensities of its first readable volume, and refuse the build (``InputError``, exit 2) when they
+    are not CT Hounsfield units. Each volume is checked again when it is built."""
+    from .preprocess import MODALITY_FIX, hu_verdict, load_image
+
+    seen: set[str] = set()
+    for src in sources:
+        if src.modality is not None or src.dataset in seen:
+            continue
+        group = [s for s in sources if s.dataset == src.dataset and s.modality is None][:tries]
+        seen.add(src.dataset)
+        for s in group:
+            try:
+                data, _ = load_image(s.images[0], s.extra.get("dicom_uid"))
+            except Exception:  # noqa: BLE001 - a broken file is reported when it is built
+                continue
+            verdict, evidence = hu_verdict(data)
+            if verdict == "MR":
+                raise InputError(s.images[0], f"modality not declared and the intensities are not CT Hounsfield "
+                                              f"units ({evidence}); nothing was built", MODALITY_FIX)
+            if verdict == "ambiguous":
+                log(f"warning: {s.images[0]}: modality not declared and the intensities are ambiguous "
+                    f"({evidence}); volumes of {s.dataset} are stored as CT where they look like HU. "
+                    f"If they are not CT: {MODALITY_FIX}")
+            break
 
 
 class _Done:

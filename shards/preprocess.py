@@ -108,6 +108,32 @@ def load_image(path: str | Path, series_uid: str | None = None) -> tuple[np.ndar
     return data, affine
 
 
+# ------------------------------------------------------------------------------------- modality
+MODALITY_FIX = ("declare the modality: --modality MR for MRI (or --modality CT if this is CT) for folders "
+                "and files, a 'modality' column in a CSV list, channel_names in dataset.json")
+
+
+def hu_verdict(data: np.ndarray) -> tuple[str, str]:
+    """Whether a volume's intensities look like CT Hounsfield units: ``("CT" | "MR" | "ambiguous", evidence)``.
+
+    CT in HU is integer-valued, has air at about -1000..-1024 (padding outside the scanner's field of
+    view may go down to -3024) and lies mostly in [-1024, 3071]. A volume with no voxel below -100 holds
+    no air in HU, so it is not CT (MRI, or normalised data); anything in between is ambiguous.
+    """
+    flat = np.asarray(data).ravel()
+    lo, hi = float(flat.min()), float(flat.max())
+    sub = flat[:: max(1, flat.size // 1_000_000)].astype(np.float32, copy=False)
+    integer = bool(np.mean(sub == np.round(sub)) > 0.999)
+    in_range = float(np.mean((sub >= CT_RANGE[0] - 1) & (sub <= CT_RANGE[1] + 1)))
+    evidence = (f"min {lo:g}, max {hi:g}, {'integer' if integer else 'non-integer'} values, "
+                f"{100 * in_range:.0f}% in [-1024, 3071]")
+    if lo > -100:
+        return "MR", evidence
+    if integer and -3100 <= lo <= -900 and in_range >= 0.5:
+        return "CT", evidence
+    return "ambiguous", evidence
+
+
 # ------------------------------------------------------------------------------------- geometry
 def orientation_codes(affine: np.ndarray) -> str:
     import nibabel as nib
@@ -254,12 +280,16 @@ def intensity_stats(image: np.ndarray, modality: str) -> dict:
 def prepare_volume(
     images: list[str | Path],
     label: str | Path | None,
-    modality: str,
+    modality: str | None,
     target_spacing=(1.5, 1.5, 1.5),
     crop_body: bool = False,
     series_uid: str | None = None,
 ) -> Prepared:
-    """Load one case (one file or DICOM series per channel, optional label), check it, bring it to the stored form."""
+    """Load one case (one file or DICOM series per channel, optional label), check it, bring it to the stored form.
+
+    ``modality`` is "CT" or "MR"; ``None`` (nothing declared it) decides from the intensities with
+    :func:`hu_verdict`: HU-like volumes are stored as CT (``meta["modality_inferred"]`` says so), others
+    are refused with the fix."""
     channels, affine0 = [], None
     for path in images:
         data, affine = load_image(path, series_uid)
@@ -273,6 +303,17 @@ def prepare_volume(
             )
         channels.append(data)
     image = np.stack(channels)  # [C, X, Y, Z] float32
+    note = None
+    if modality is None:  # nothing declared the modality: decide from the first channel's intensities
+        verdict, evidence = hu_verdict(image[0])
+        if verdict == "MR":
+            raise InputError(images[0], f"modality not declared and the intensities are not CT Hounsfield "
+                                        f"units ({evidence})", MODALITY_FIX)
+        modality = "CT"
+        note = f"modality not declared; stored as CT from its intensities ({evidence})"
+        if verdict == "ambiguous":
+            note = (f"modality not declared and the intensities are ambiguous ({evidence}); stored as CT "
+                    f"(HU clipped to [-1024, 3071]); if this is not CT: {MODALITY_FIX}")
     orig_shape, orig_orient = list(image.shape[1:]), orientation_codes(affine0)
     orig_spacing = voxel_spacing(affine0)
 
@@ -342,6 +383,8 @@ def prepare_volume(
         },
         "body_crop": crop,
     }
+    if note is not None:
+        meta["modality_inferred"] = note
     if lab is not None:
         meta["label_classes"] = sorted(int(v) for v in np.unique(lab))
     return Prepared(stored, lab, meta)

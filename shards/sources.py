@@ -11,7 +11,10 @@ An input may be:
 * a single NIfTI file.
 
 Each becomes a :class:`Source`; the list is sorted deterministically so the same inputs always give
-the same shards.
+the same shards. The modality comes from what the input declares: ``channel_names`` (or MSD's
+``modality``) in ``dataset.json``, the CSV's ``modality`` column, the DICOM Modality tag, else the
+``--modality`` option; where nothing declares it, ``Source.modality`` is ``None`` and the builder
+decides from the intensities (CT only when they look like Hounsfield units).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class Source:
     key: str
     images: list[str]  # one path per channel (NIfTI files or DICOM series folders)
     label: str | None
-    modality: str  # "CT" or "MR"
+    modality: str | None  # "CT" or "MR"; None: not declared (decided from the intensities)
     dataset: str
     extra: dict = field(default_factory=dict)
 
@@ -42,6 +45,11 @@ class Source:
 
 def _strip_nifti(name: str) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.I)
+
+
+def _declared(name: str | None) -> str | None:
+    """A declared modality name as "CT"/"MR"; ``None`` when nothing declared one."""
+    return normalise_modality(name) if name else None
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -54,9 +62,9 @@ def from_nnunet(root: Path, include_test: bool = False, labels: bool = True) -> 
         desc = json.loads((root / "dataset.json").read_text())
     except (OSError, ValueError) as exc:
         raise InputError(root / "dataset.json", f"cannot read dataset.json ({exc})", "fix or regenerate it") from None
-    channels = desc.get("channel_names") or desc.get("modality") or {"0": "CT"}
-    modality = normalise_modality(channels.get("0", next(iter(channels.values()))))
-    n_channels = len(channels)
+    channels = desc.get("channel_names") or desc.get("modality") or {}
+    modality = normalise_modality(channels.get("0", next(iter(channels.values())))) if channels else None
+    n_channels = len(channels) or None
     ending = desc.get("file_ending", ".nii.gz")
     name = root.name
     sources: list[Source] = []
@@ -110,7 +118,7 @@ def from_csv(path: Path, default_modality: str, labels: bool = True) -> list[Sou
                 lab = str(Path(lab) if Path(lab).is_absolute() else base / lab)
             else:
                 lab = None
-            modality = normalise_modality(row.get("modality") or default_modality)
+            modality = _declared(row.get("modality") or default_modality)
             case = _strip_nifti(img.name) or f"row{i}"
             sources.append(Source(make_key(path.stem, f"{i:06d}", case), [str(img)], lab, modality, path.stem))
     return sources
@@ -123,7 +131,7 @@ def from_folder(root: Path, default_modality: str) -> list[Source]:
     if files:
         return [
             Source(make_key(name, str(f.relative_to(root).parent), _strip_nifti(f.name)), [str(f)], None,
-                   normalise_modality(default_modality), name)
+                   _declared(default_modality), name)
             for f in files
         ]
     from . import dicom
@@ -137,12 +145,12 @@ def from_folder(root: Path, default_modality: str) -> list[Source]:
         rel = s.folder.relative_to(root) if s.folder != root else Path("")
         out.append(
             Source(make_key(name, str(rel), s.uid[-12:]), [str(s.folder)], None,
-                   normalise_modality(s.modality or default_modality), name, {"dicom_uid": s.uid})
+                   _declared(s.modality or default_modality), name, {"dicom_uid": s.uid})
         )
     return out
 
 
-def discover(inputs: list[str | Path], modality: str = "CT", include_test: bool = False,
+def discover(inputs: list[str | Path], modality: str | None = None, include_test: bool = False,
              labels: bool = True) -> list[Source]:
     """All sources behind ``inputs``, in a deterministic order, with unique keys."""
     sources: list[Source] = []
@@ -155,7 +163,7 @@ def discover(inputs: list[str | Path], modality: str = "CT", include_test: bool 
         elif p.is_file() and p.suffix.lower() == ".csv":
             found = from_csv(p, modality, labels=labels)
         elif p.is_file() and is_nifti_path(p.name):
-            found = [Source(make_key(_strip_nifti(p.name)), [str(p)], None, normalise_modality(modality), p.parent.name)]
+            found = [Source(make_key(_strip_nifti(p.name)), [str(p)], None, _declared(modality), p.parent.name)]
         elif p.is_dir():
             found = from_folder(p, modality)
         else:

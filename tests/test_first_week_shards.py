@@ -191,3 +191,110 @@ def test_point7_info_flags_sets_that_mix_channel_counts(two_channel, few, tmp_pa
     assert main(["info", str(mixed)]) == 0
     out = capsys.readouterr().out
     assert "channels per volume: 1 (1 volume), 2 (2 volumes)  -- MIXED" in out
+
+
+# ---------------------------------------------------------------------------------- modality
+@pytest.fixture(scope="module")
+def mr_folder(tmp_path_factory):
+    """A plain folder of float32 MRI-like volumes (no dataset.json, no CSV): nothing declares the modality."""
+    import shutil
+
+    from medssl.shards.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("mrfolder")
+    synth_dataset(root / "raw", n=2, seed=4, modality="MR", fov_scale=0.25, progress=False)
+    folder = root / "scans"
+    folder.mkdir()
+    for f in sorted((root / "raw" / "imagesTr").iterdir()):
+        shutil.copy(f, folder / f.name.replace("_0000", ""))
+    return folder
+
+
+def _cli_build(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "medssl.shards", "build", *map(str, args), "--quiet", "--workers", "1"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_point5_undeclared_float_mri_folder_is_refused_not_stored_as_ct(mr_folder, tmp_path):
+    import nibabel as nib
+
+    first = sorted(mr_folder.iterdir())[0]
+    assert nib.load(first).get_data_dtype() == np.float32
+    out = tmp_path / "out"
+    res = _cli_build(mr_folder, "--out", out)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert first.name in res.stderr and "--modality MR" in res.stderr and "--modality CT" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists(), "no half-made output"
+
+
+def test_point5_declared_mr_folder_is_stored_as_float16_mr(mr_folder, tmp_path):
+    from medssl.shards.format import decode_sample
+    from medssl.shards.verify import iter_tar, load_index
+
+    out = tmp_path / "out"
+    res = _cli_build(mr_folder, "--out", out, "--modality", "MR")
+    assert res.returncode == 0, res.stderr
+    index = load_index(out)
+    assert index["modalities"] == {"MR": 2}
+    raw = next(iter_tar(out / index["shards"][0]["name"], print))
+    image, _, meta = decode_sample(raw)
+    assert image.dtype == np.float16 and meta["modality"] == "MR" and "modality_inferred" not in meta
+
+
+def test_point5_nnunet_channel_names_t2_give_mr(mr_folder, tmp_path):
+    import json
+    import shutil
+
+    from medssl.shards.build import BuildConfig, build
+    from medssl.shards.verify import load_index
+
+    ds = tmp_path / "Dataset951_T2"
+    (ds / "imagesTr").mkdir(parents=True)
+    for f in sorted(mr_folder.iterdir()):
+        shutil.copy(f, ds / "imagesTr" / f.name.replace(".nii.gz", "_0000.nii.gz"))
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2"}, "labels": {"background": 0},
+                                                 "numTraining": 2, "file_ending": ".nii.gz"}))
+    build(BuildConfig(inputs=[str(ds)]), tmp_path / "out", workers=1, progress=False)
+    assert load_index(tmp_path / "out")["modalities"] == {"MR": 2}
+
+
+def test_point5_undeclared_hu_volumes_are_ct_and_a_stray_mri_is_skipped(few, mr_folder, tmp_path):
+    """A folder of HU volumes without --modality is stored as CT (and says it was inferred); one
+    MRI-like volume among them is reported with the fix and skipped, the rest is built."""
+    import shutil
+
+    from medssl.shards.build import BuildConfig, build
+    from medssl.shards.format import decode_sample
+    from medssl.shards.verify import iter_tar, load_index
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for f in sorted((few["one"].parent / "raw" / "imagesTr").iterdir())[:2]:
+        shutil.copy(f, folder / f.name)
+    stray = folder / "zz_mri.nii.gz"
+    shutil.copy(sorted(mr_folder.iterdir())[0], stray)
+    result = build(BuildConfig(inputs=[str(folder)]), tmp_path / "out", workers=1, progress=False)
+    assert result.samples == 2 and [e["file"] for e in result.errors] == [str(stray)]
+    assert "--modality MR" in result.errors[0]["fix"]
+    index = load_index(tmp_path / "out")
+    assert index["modalities"] == {"CT": 2}
+    _, _, meta = decode_sample(next(iter_tar(tmp_path / "out" / index["shards"][0]["name"], print)))
+    assert "stored as CT from its intensities" in meta["modality_inferred"]
+
+
+def test_point5_hu_verdict_on_typical_intensities():
+    from medssl.shards.preprocess import hu_verdict
+
+    rng = np.random.default_rng(0)
+    ct = np.full((20, 20, 20), -1024, np.int16)
+    ct[5:15, 5:15, 5:15] = rng.integers(-100, 1500, (10, 10, 10))
+    assert hu_verdict(ct)[0] == "CT"
+    padded = ct.copy()
+    padded[:3] = -3024  # outside the scanner's field of view
+    assert hu_verdict(padded)[0] == "CT"
+    assert hu_verdict(rng.uniform(0, 800, (20, 20, 20)).astype(np.float32))[0] == "MR"
+    assert hu_verdict(rng.normal(0, 1, (20, 20, 20)).astype(np.float32))[0] == "MR"  # z-scored
+    assert hu_verdict(ct.astype(np.float32) + 0.37)[0] == "ambiguous"
