@@ -210,6 +210,7 @@ def build(
     target = parse_size(config.shard_size)
     sources: list[Source] = discover(config.inputs, config.modality, config.include_test, config.labels)
     fp = {"format": FORMAT_VERSION, "config": config.fingerprint(), "sources": [s.to_record() for s in sources]}
+    _check_out(out, config.inputs, sources)
     _probe_undeclared(sources, log)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +348,38 @@ def build(
     result.samples, result.shards, result.bytes = len(infos), len(shards), index["bytes"]
     result.errors, result.seconds = errors, time.time() - t0
     return result
+
+
+SHARD_SET_FILES = ("build.json", "index.json", "progress.jsonl", "errors.jsonl", "samples.jsonl")
+
+
+def _check_out(out: Path, inputs: list[str], sources: list[Source]) -> None:
+    """Refuse an output folder that is, lies inside or contains an input folder, holds an input volume,
+    or holds anything but a shard set's own files: shards are never written into a raw dataset."""
+    fix = "choose an empty or new folder for --out (e.g. shards/<name>), outside the input folders"
+    o = out.resolve()
+    for inp in inputs:
+        p = Path(inp).resolve()
+        if p == o:
+            raise InputError(out, f"--out is the input {inp}", fix)
+        if p.is_dir() and p in o.parents:
+            raise InputError(out, f"--out lies inside the input folder {inp}", fix)
+        if o in p.parents:
+            raise InputError(out, f"--out contains the input {inp}", fix)
+    for src in sources:
+        for f in src.images + ([src.label] if src.label else []):
+            if o in Path(f).resolve().parents:
+                raise InputError(out, f"--out holds the input volume {f}", fix)
+    if out.is_dir():
+        foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir()
+                         if not (e.name in SHARD_SET_FILES or e.name.startswith(".")
+                                 or (e.is_file() and e.name.startswith("shard-")
+                                     and e.name.endswith((".tar", ".tar.tmp")))))
+        if foreign:
+            raise InputError(out, f"--out holds files that are not part of a shard set "
+                                  f"({', '.join(foreign[:4])}{', …' if len(foreign) > 4 else ''})", fix)
+    elif out.exists():
+        raise InputError(out, "--out is a file, not a folder", fix)
 
 
 def _probe_undeclared(sources: list[Source], log, tries: int = 5) -> None:

@@ -298,3 +298,41 @@ def test_point5_hu_verdict_on_typical_intensities():
     assert hu_verdict(rng.uniform(0, 800, (20, 20, 20)).astype(np.float32))[0] == "MR"
     assert hu_verdict(rng.normal(0, 1, (20, 20, 20)).astype(np.float32))[0] == "MR"  # z-scored
     assert hu_verdict(ct.astype(np.float32) + 0.37)[0] == "ambiguous"
+
+
+# ---------------------------------------------------------------------------------- --out
+def test_point9_build_out_into_a_raw_dataset_folder_is_refused(few, tmp_path):
+    import shutil
+
+    raw = tmp_path / "Dataset952_Raw"
+    shutil.copytree(few["one"].parent / "raw", raw)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dataset.json").write_text("{}")
+    (other / "imagesTr").mkdir()
+    before_other = sorted(p.name for p in other.iterdir())
+    for out, words in ((raw, "is the input"), (raw / "shards", "inside the input folder"),
+                       (raw / "imagesTr", "inside the input folder"), (tmp_path, "contains the input"),
+                       (other, "not part of a shard set")):
+        res = _cli_build(raw, "--out", out, "--modality", "CT")
+        assert res.returncode == 2, (out, res.stdout, res.stderr)
+        assert words in res.stderr and str(out) in res.stderr and "empty or new folder" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "other" not in p.parts) == before
+    assert sorted(p.name for p in other.iterdir()) == before_other
+
+
+def test_point9_existing_shard_sets_keep_their_rules(few, tmp_path):
+    """Re-running the same build is a no-op; building other inputs into an existing set is refused."""
+    import shutil
+
+    raw = few["one"].parent / "raw"
+    out = tmp_path / "set"
+    shutil.copytree(few["one"], out)
+    first = sorted(raw.rglob("*_0000.nii.gz"))[0]
+    res = _cli_build(first, "--out", out)
+    assert res.returncode == 0 and "already complete" in res.stdout, res.stdout + res.stderr
+    res = _cli_build(raw, "--out", out)
+    assert res.returncode != 0 and "other settings or inputs" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in few["one"].iterdir())
