@@ -19,7 +19,8 @@ class Window:
 
     CT: clip ``ct`` (HU) and map it linearly to ``out`` (the official Hi-End-MAE/MambaMIM setting is
     [-175, 250] → [0, 1]; MIS-FM uses [-1000, 1000] → [-1, 1]). MRI: map each volume's foreground
-    0.5th–99.5th percentiles (recorded at build time) to ``out``.
+    0.5th–99.5th percentiles (recorded at build time) to ``out``, per channel when the volume has
+    several (T1 and T2 have unrelated scales) and the build recorded per-channel statistics.
     """
 
     ct: tuple[float, float] = (-175.0, 250.0)
@@ -34,11 +35,29 @@ class Window:
         lo, hi = float(st.get("fg_p0_5", 0.0)), float(st.get("fg_p99_5", 1.0))
         return lo, hi if hi > lo else lo + 1.0
 
+    def channel_bounds(self, meta: dict, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(lo, hi)`` arrays ``[C]``: MRI channels' own percentiles where recorded, else
+        :meth:`bounds` for every channel."""
+        per = meta.get("intensity", {}).get("channels") if meta.get("modality", "CT") != "CT" else None
+        if per and len(per) == channels:
+            pairs = [self.bounds({"modality": "MR", "intensity": st}) for st in per]
+        else:
+            pairs = [self.bounds(meta)] * channels
+        return np.array([p[0] for p in pairs], np.float64), np.array([p[1] for p in pairs], np.float64)
+
     def apply(self, x: np.ndarray, meta: dict) -> np.ndarray:
-        lo, hi = self.bounds(meta)
+        """``x`` ``[C, X, Y, Z]`` (or any array whose first axis is the channel) → float32 in ``out``."""
+        lo, hi = self.channel_bounds(meta, x.shape[0]) if x.ndim >= 2 else self.bounds(meta)
+        if np.ndim(lo) and np.all(lo == lo[0]) and np.all(hi == hi[0]):
+            lo, hi = float(lo[0]), float(hi[0])
         scale = (self.out[1] - self.out[0]) / (hi - lo)
-        y = np.multiply(x, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
-        y += np.float32(self.out[0] - lo * scale)
+        if np.ndim(scale):  # one scale per channel
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            y = np.multiply(x, scale.astype(np.float32).reshape(shape), dtype=np.float32)
+            y += (self.out[0] - lo * scale).astype(np.float32).reshape(shape)
+        else:
+            y = np.multiply(x, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
+            y += np.float32(self.out[0] - lo * scale)
         if self.clip:
             np.clip(y, min(self.out), max(self.out), out=y)
         return y
@@ -54,10 +73,12 @@ def pad_to(vol: np.ndarray, crop: tuple[int, int, int], value) -> tuple[np.ndarr
     return np.pad(vol, widths, mode="constant", constant_values=value), before
 
 
-def foreground_points(vol: np.ndarray, threshold: float, stride: int = 4) -> np.ndarray:
-    """Coordinates ``[N, 3]`` of voxels above ``threshold`` on a ``stride`` grid (any channel)."""
+def foreground_points(vol: np.ndarray, threshold, stride: int = 4) -> np.ndarray:
+    """Coordinates ``[N, 3]`` of voxels above ``threshold`` (one value, or one per channel) on a
+    ``stride`` grid, in any channel."""
     sub = vol[:, ::stride, ::stride, ::stride]  # [C, X/s, Y/s, Z/s]
-    return np.argwhere((sub > threshold).any(axis=0)) * stride
+    thr = np.asarray(threshold, dtype=np.float64).reshape(-1, 1, 1, 1) if np.ndim(threshold) else threshold
+    return np.argwhere((sub > thr).any(axis=0)) * stride
 
 
 def sample_origins(shape, crop, fg: np.ndarray, pos_fraction: float, n: int, rng: np.random.Generator,

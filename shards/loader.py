@@ -264,7 +264,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         image, pad = pad_to(image, cfg.crop_size, bg)
         if label is not None:
             label, _ = pad_to(label, cfg.crop_size, 0)
-        lo, _ = cfg.window.bounds(meta)
+        lo, _ = cfg.window.channel_bounds(meta, image.shape[0])
         fg = foreground_points(image, lo) if cfg.pos_fraction > 0 else np.zeros((0, 3), np.int64)
         origins = sample_origins(image.shape[1:], cfg.crop_size, fg, cfg.pos_fraction, cfg.crops_per_volume, rng)
         entry.update(image=image, label=label, pad=pad, origins=origins)

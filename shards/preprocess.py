@@ -257,7 +257,17 @@ def parse_spacing(value) -> tuple[float, float, float] | None:
 
 
 def intensity_stats(image: np.ndarray, modality: str) -> dict:
-    """Statistics the stream uses to normalise at read time (MRI percentiles) and `info` reports."""
+    """Statistics the stream uses to normalise at read time (MRI percentiles) and `info` reports.
+
+    Over the whole volume; for a multi-channel ``[C, X, Y, Z]`` volume also per channel, under
+    ``"channels"`` (a list of the same statistics), since channels have unrelated scales."""
+    out = _stats(image, modality)
+    if image.ndim == 4 and image.shape[0] > 1:
+        out["channels"] = [_stats(ch, modality) for ch in image]
+    return out
+
+
+def _stats(image: np.ndarray, modality: str) -> dict:
     vol = image.astype(np.float32, copy=False)
     sub = vol.reshape(-1)[:: max(1, vol.size // 2_000_000)]  # strided sample keeps this cheap
     fg = sub[sub > (-500 if modality == "CT" else np.percentile(sub, 10))]

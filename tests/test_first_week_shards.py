@@ -150,7 +150,7 @@ def two_channel(tmp_path_factory):
     synth_dataset(raw, n=2, seed=8, modality="MR", fov_scale=0.25, progress=False)
     for f in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
         img = nib.load(f)
-        second = (np.asarray(img.dataobj, np.float32).max() - np.asarray(img.dataobj, np.float32)) * 0.5
+        second = np.asarray(img.dataobj, np.float32)[::-1] * 10.0  # another image, on another scale
         nib.save(nib.Nifti1Image(second, img.affine), str(f).replace("_0000.nii.gz", "_0001.nii.gz"))
     desc = json.loads((raw / "dataset.json").read_text())
     desc["channel_names"] = {"0": "T1", "1": "T2"}
@@ -175,6 +175,26 @@ def test_point7_two_channel_set_builds_and_streams_two_channel_crops(two_channel
     assert tuple(batch["label"].shape) == (2, 1, 16, 16, 16)
     # the two channels are different images of the same region, not one channel repeated
     assert not np.allclose(batch["image"][:, 0].numpy(), batch["image"][:, 1].numpy())
+
+
+def test_point7_each_mri_channel_is_windowed_on_its_own_scale(two_channel):
+    """Channel 1 is stored on a 10x larger scale than channel 0: each is mapped by its own percentiles,
+    so both fill [0, 1] instead of one being squashed toward 0 by a shared window."""
+    from medssl import shards
+    from medssl.shards.format import decode_sample
+    from medssl.shards.verify import iter_tar, load_index
+
+    index = load_index(two_channel)
+    _, _, meta = decode_sample(next(iter_tar(two_channel / index["shards"][0]["name"], print)))
+    per = meta["intensity"]["channels"]
+    assert len(per) == 2 and per[1]["fg_p99_5"] > 5 * per[0]["fg_p99_5"]
+    batches = list(shards.stream(two_channel, crop_size=None, batch_size=1, num_workers=0, mode="eval",
+                                 rank=0, world_size=1))
+    for b in batches:
+        x = b["image"][0].numpy()  # [2, X, Y, Z] whole volume
+        for c in range(2):
+            assert 0.0 <= x[c].min() and x[c].max() <= 1.0
+            assert np.percentile(x[c], 99) > 0.5, f"channel {c} squashed: 99th percentile {np.percentile(x[c], 99)}"
 
 
 def test_point7_info_flags_sets_that_mix_channel_counts(two_channel, few, tmp_path, capsys):
