@@ -165,11 +165,17 @@ def plan_run_dir(cfg, resume: str, overwrite: bool) -> RunPlan:
             old = yaml.safe_load(ref.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{ref}: cannot be read ({exc}); {ways_out}") from None
+        try:  # keys this version added read as their defaults, so an older run still resumes
+            from .config import config_from_dict
+
+            old = config_from_dict(old).to_dict()
+        except (ValueError, KeyError, TypeError):
+            pass  # a recipe or key this version does not know: compare as written
         refusing, allowed = config_diff(_norm_shards(old), _norm_shards(cfg.to_dict()))
         if refusing:
             keys = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, o, n in refusing)
             raise ConfigError(f"--out {run_dir} holds a run with another config ({ref}); these keys differ "
-                              f"(old -> new):\n{keys}\nIts checkpoints would not fit. To keep both, {ways_out}")
+                              f"(old -> new):\n{keys}\nA run continues only with its own config. To keep both, {ways_out}")
         plan.changed = allowed
     elif items and not plan.resume_dir:
         raise ConfigError(f"--out {run_dir} holds run files ({', '.join(items)}) but no config.yaml to compare with; "

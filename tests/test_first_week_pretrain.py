@@ -94,7 +94,7 @@ def test_point1_changed_config_refused(run, two_channel, capsys):
     assert not list((out / "checkpoints").glob("damaged-*"))
 
 
-def test_point1_allowed_keys_resume(run, two_channel):
+def test_point1_allowed_keys_resume(run, two_channel, tmp_path):
     out, _ = run
     args = _train_parser().parse_intermixed_args(_args(two_channel, out, "train.log_every=1", "train.checkpoint_every=3"))
     args.steps = 8
@@ -103,6 +103,14 @@ def test_point1_allowed_keys_resume(run, two_channel):
     changed = {k for k, _, _ in plan.changed}
     assert {"train.steps", "train.log_every", "train.checkpoint_every"} <= changed
     assert cfg.train.steps == 8
+    # a run written before a key existed resumes: the missing key reads as its default
+    older = tmp_path / "older"
+    older.mkdir()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["optim"]["step_gamma"]
+    (older / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg.out = str(older)
+    assert plan_run_dir(cfg, "auto", False).resume == "auto"
 
 
 def test_point1_resume_none_needs_overwrite_and_moves_the_old_run_aside(run, two_channel, capsys, tmp_path):
