@@ -403,6 +403,9 @@ def _probe_undeclared(sources: list[Source], log, tries: int = 5) -> None:
             if verdict == "MR":
                 raise InputError(s.images[0], f"modality not declared and the intensities are not CT Hounsfield "
                                               f"units ({evidence}); nothing was built", MODALITY_FIX)
+            if verdict == "CT":
+                log(f"{s.dataset}: modality not declared; its volumes look like CT in HU ({evidence}) and are "
+                    f"stored as CT where they do (pass --modality CT or MR to declare it)")
             if verdict == "ambiguous":
                 log(f"warning: {s.images[0]}: modality not declared and the intensities are ambiguous "
                     f"({evidence}); volumes of {s.dataset} are stored as CT where they look like HU. "

@@ -108,6 +108,32 @@ def test_point4_eval_mode_still_exactly_once(few):
     assert sorted(keys) == sorted(s["key"] for s in load_samples(few["four"]))
 
 
+def test_point4_a_stuck_worker_raises_after_the_timeout(few):
+    """A DataLoader worker that delivers nothing (here: decoding takes far longer than the timeout) makes
+    the loader raise with a message naming the timeout, instead of waiting forever."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, time
+from medssl import shards
+from medssl.shards.loader import ShardStream
+ShardStream._decode = lambda self, raw, errors: time.sleep(3600)
+loader = shards.stream(sys.argv[1], crop_size=(16, 16, 16), batch_size=1, num_workers=1, timeout=3)
+try:
+    next(iter(loader))
+except RuntimeError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(few["one"])], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a stuck worker was waited for 120 s")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "no batch from a DataLoader worker within 3 s" in proc.stdout and "StreamConfig.timeout" in proc.stdout
+
+
 def test_point4_a_worker_with_only_damaged_data_raises(few, tmp_path):
     """A shard set whose every sample fails its checksum: the stream raises with the reason, no spinning."""
     import shutil
