@@ -3,6 +3,10 @@
     python -m medssl.finetune --export RUN/export --data DATASET --out RUNS/pre [--n-train 4] [--preset tiny] [key=value …]
     python -m medssl.finetune --export RUN/export --data DATASET --out RUNS/scratch --init scratch …
     python -m medssl.finetune report RUNS/pre RUNS/scratch --out report.md
+    python -m medssl.finetune predict RUNS/pre --images DIR|FILE --out DIR [--tta no]
+
+A run folder keeps its work: checkpoints every ``train.checkpoint_every`` steps, and the same command
+continues it (``--resume auto``); a finished run is not trained again (a larger ``--steps`` extends it).
 
 Runs as a plain process (one CPU or GPU) or under ``torchrun`` / ``deepspeed`` on several GPUs.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,8 +41,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--n-train", type=int, help="few-shot: train on the first N volumes of the seeded split")
     p.add_argument("--preset", help="tiny: a CPU-sized crop, decoder and schedule")
+    p.add_argument("--resume", default="auto", choices=["auto", "none"],
+                   help="auto: continue the run in --out from its newest complete checkpoint (a finished run is "
+                        "left as it is); none: start over (needs --overwrite when --out holds a run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none: move the previous run into OUT/previous-<time>/ (nothing is deleted)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _predict_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m medssl.finetune predict",
+                                description="Segment NIfTI images with a fine-tuning run's model_best.safetensors; "
+                                            "the network and preprocessing come from the run folder alone")
+    p.add_argument("run", help="fine-tuning run folder (model_best.safetensors + network.json)")
+    p.add_argument("--images", required=True, help="a NIfTI file (.nii/.nii.gz) or a folder of them")
+    p.add_argument("--out", required=True, help="folder for <case>.nii.gz label maps (each in its image's geometry)")
+    p.add_argument("--tta", default="no", choices=["no"], help="test-time augmentation (not offered yet)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    a = p.parse_args(argv)
+    from medssl.shards.errors import InputError
+
+    from .predict import PredictError, predict_run
+
+    try:
+        for line in predict_run(a.run, a.images, a.out, device=a.device):
+            print(line, flush=True)
+    except (PredictError, InputError) as exc:
+        if os.environ.get("MEDSSL_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _report_main(argv) -> int:
@@ -58,14 +93,17 @@ def main(argv=None) -> int:
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] == "report":
         return _report_main(argv[1:])
+    if argv and argv[0] == "predict":
+        return _predict_main(argv[1:])
     args = _parser().parse_intermixed_args(argv)
     from medssl.pretrain.config import ConfigError
 
     from .config import load_config, set_dotted
 
     try:
-        cfg = load_config(args.overrides, args.preset, out=args.out, export=args.export, init=args.init,
-                          dataset=args.data)
+        absolute = lambda v: str(Path(v).expanduser().resolve()) if v else v  # noqa: E731 - a self-contained run dir
+        cfg = load_config(args.overrides, args.preset, out=absolute(args.out), export=absolute(args.export),
+                          init=args.init, dataset=absolute(args.data))
         if args.steps is not None:
             set_dotted(cfg, "train.steps", args.steps)
         if args.n_train is not None:
@@ -79,7 +117,7 @@ def main(argv=None) -> int:
     try:
         from .train import finetune
 
-        finetune(cfg, progress=not args.no_progress)
+        finetune(cfg, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     except (InputError, ExportError, ValueError, FileNotFoundError) as exc:  # bad input: the message says the fix
         if os.environ.get("MEDSSL_TRACEBACK"):
             raise

@@ -70,6 +70,8 @@ class FTTrainConfig:
     zero_stage: int = 0  # 0-2 (evaluation runs on each process's full weights)
     eval_every: int = 600  # steps between validations (25 epochs of 24 volumes)
     log_every: int = 10
+    checkpoint_every: int = 500  # steps between resume checkpoints (model, optimizer, step, best Dice, RNG)
+    keep_last: int = 2  # complete checkpoints kept (older ones are removed once a newer one is complete)
     seed: int = 0
     wandb: str = "offline"
     wandb_project: str = "medssl-finetune"
@@ -116,6 +118,7 @@ PRESETS: dict[str, dict] = {
         "optim.warmup_fraction": 0.05,
         "train.steps": 150,
         "train.eval_every": 50,
+        "train.checkpoint_every": 50,
         "eval.sw_batch": 2,
         "eval.overlap": 0.25,
     },
@@ -137,6 +140,8 @@ def load_config(overrides: list[str] | None = None, preset: str | None = None, *
     if cfg.train.zero_stage not in (0, 1, 2):
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage}: fine-tuning runs ZeRO 0-2 (evaluation needs each "
                           "process's whole weights); the models it trains fit one GPU")
+    if cfg.train.checkpoint_every < 1 or cfg.train.keep_last < 1:
+        raise ConfigError("train.checkpoint_every and train.keep_last must be >= 1")
     if not 0.0 < cfg.model.layer_decay <= 1.0:
         raise ConfigError(f"model.layer_decay={cfg.model.layer_decay} must be in (0, 1] (1 = off)")
     if cfg.data.n_val < 0 or not 0.0 <= cfg.data.test_fraction < 1.0:

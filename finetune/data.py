@@ -222,15 +222,15 @@ class CropSampler(torch.utils.data.IterableDataset):
     centred on foreground with probability pos / (pos + neg) (MONAI's ``RandCropByPosNegLabeld``),
     flips / rot90 / intensity scale and shift; batches of ``batch`` crops. Seeded by (seed, rank, worker)."""
 
-    def __init__(self, cases: list[Case], window: Window, cfg, batch: int, seed: int, rank: int = 0):
+    def __init__(self, cases: list[Case], window: Window, cfg, batch: int, seed: int, rank: int = 0, start: int = 0):
         super().__init__()
         self.cases, self.window, self.cfg, self.batch = cases, window, cfg.data, batch
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.start = seed, rank, start  # start: the step a resumed run continues from
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        rng = np.random.default_rng([self.seed, self.rank, worker])
+        rng = np.random.default_rng([self.seed, self.rank, worker] + ([self.start] if self.start else []))
         crop = np.array(self.cfg.crop_size)
         p_pos = self.cfg.pos / max(self.cfg.pos + self.cfg.neg, 1e-9)
         pending: list[tuple[np.ndarray, np.ndarray]] = []

@@ -95,9 +95,13 @@ def write_nifti(labels: np.ndarray, affine, path: Path, reference: str | None = 
     nib.save(img, str(path))
 
 
+VIEW = "radiological view: axial slice, patient's right on the image's left, anterior up"
+
+
 def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Path, title: str,
-                n_classes: int, slices: int = 1) -> list[int]:
-    """Image / truth / prediction on the axial slices (RAS: the last axis) with the most foreground."""
+                n_classes: int, slices: int = 1, classes: dict | None = None) -> list[int]:
+    """Image / truth / prediction on the axial slices (RAS: the last axis) with the most foreground, a class
+    legend (names and colours) and the view convention in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -115,10 +119,16 @@ def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Pa
             if lab is not None:
                 m = np.ma.masked_equal(lab[::-1, ::-1, z].T, 0)
                 ax.imshow(m, cmap=cmap, vmin=0, vmax=max(n_classes - 1, 1), alpha=0.55, interpolation="nearest")
-            ax.set_title(f"{name} (z={z})" if c == 0 else name, fontsize=9)
+            ax.set_title(f"{name} (slice z={z})" if c == 0 else f"{name} (z={z})", fontsize=9)
             ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    names = classes or {}
+    handles = [Patch(color=cmap(k), label=f"{k} {names.get(k, f'class{k}')}") for k in range(1, n_classes)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"{title}\n{VIEW}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path))
     return zs

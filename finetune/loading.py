@@ -76,6 +76,7 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
         model = SegmentationNet(backbone, decoder)
         component = None
     model.backbone_name, model.arch = name, arch
+    model.backbone_kwargs, model.component = dict(kwargs), component  # what `finetune predict` rebuilds from
     dec_keys = [f"decoder.{k}" for k in decoder.state_dict()]
     bb_keys = [f"backbone.{k}" for k in backbone.state_dict()]
     if not pretrained:

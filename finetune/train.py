@@ -9,7 +9,10 @@ Dice per class, overlays → ``metrics.json``.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -31,11 +34,87 @@ def _nanmean(values) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def finetune(cfg, progress: bool = True) -> dict:
-    """Run one fine-tuning job (call on every process); returns the metrics rank 0 wrote."""
+class FTRunLog(RunLog):
+    """``metrics.jsonl`` and wandb; the wandb run id is kept in ``RUN/wandb_id`` so that a resumed or
+    extended run continues the same wandb run (``resume="allow"``)."""
+
+    def __init__(self, cfg, run_dir: Path, enabled: bool):
+        self.enabled, self.path, self.wandb = enabled, run_dir / "metrics.jsonl", None
+        if not enabled:
+            return
+        mode = os.environ.get("WANDB_MODE") or cfg.train.wandb
+        if mode == "disabled":
+            return
+        id_file = run_dir / "wandb_id"
+        if not id_file.exists():
+            id_file.write_text(f"{run_dir.name}-{cfg.hash()[:8]}\n")
+        try:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), mode=mode, name=run_dir.name,
+                                    config=cfg.to_dict(), resume="allow", id=id_file.read_text().strip())
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            print(f"warning: wandb disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+    def images(self, step: int, pictures: dict[str, str]) -> None:
+        """Log PNG files (``{key: path}``) as wandb images at ``step``."""
+        if self.wandb is None or not pictures:
+            return
+        try:
+            import wandb
+
+            self.wandb.log({k: wandb.Image(str(v), caption=Path(v).stem) for k, v in pictures.items()}, step=step)
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: wandb images not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def _set_rng_state(text: str) -> None:
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy()))
+
+
+def _network_spec(model, arch: str, in_ch: int, n_classes: int, classes: dict, pre, cfg, component,
+                  modality: str | None) -> dict:
+    """Everything ``finetune predict`` needs to rebuild the network and repeat the preprocessing."""
+    return {"format": 1, "backbone": {"name": getattr(model, "backbone_name", arch),
+                                      "kwargs": getattr(model, "backbone_kwargs", None)},
+            "decoder": {"arch": arch, "component": component,
+                        "kwargs": {"feature_size": cfg.model.feature_size, "norm": cfg.model.norm,
+                                   "res_block": cfg.model.res_block}},
+            "in_channels": in_ch, "out_channels": n_classes, "classes": {str(k): v for k, v in classes.items()},
+            "crop_size": list(cfg.data.crop_size), "preprocessing": pre.to_dict(), "modality": modality,
+            "eval": {"overlap": cfg.eval.overlap, "sw_batch": cfg.eval.sw_batch, "mode": cfg.eval.mode}}
+
+
+def _save_best(path: Path, state: dict, best: dict, spec: dict) -> None:
+    from medssl.pretrain.export import save_safetensors
+
+    save_safetensors({k: v.contiguous() for k, v in state.items()}, path,
+                     metadata={"step": str(best["step"]), "val_dice": str(best["dice"]), "network": json.dumps(spec)})
+
+
+def _dice_line(step: int, total: int, score: float, per_class: dict, best: dict) -> str:
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in per_class.items())
+    return (f"val step {step}/{total}: mean Dice {score:.4f} ({parts}); best {best['dice']:.4f} at step "
+            f"{best['step']}")
+
+
+def finetune(cfg, progress: bool = True, resume: str = "auto", overwrite: bool = False) -> dict:
+    """Run one fine-tuning job (call on every process); returns the metrics rank 0 wrote.
+
+    ``resume``: ``auto`` continues from the newest complete checkpoint of ``cfg.out`` (a finished run
+    with as many steps returns its metrics without training); ``none`` starts over (``overwrite`` moves
+    a previous run aside)."""
     import deepspeed
     from monai.losses import DiceCELoss
-    from tqdm import tqdm
+
+    from medssl.pretrain import checkpoint as ckpt
+    from medssl.pretrain.progress import Progress
+
+    from .rundir import RunDirError, plan
 
     from . import data as D
     from .evaluate import dice_per_class, overlay_png, predict_probs, resample_to_original, write_nifti
@@ -48,6 +127,21 @@ def finetune(cfg, progress: bool = True) -> dict:
     say = _log0(env)
     run = Path(cfg.out)
     t0 = time.time()
+    decision: dict = {}
+    if env.is_main:
+        try:
+            decision = plan(cfg, resume, overwrite)
+        except RunDirError as exc:
+            decision = {"error": str(exc)}
+    decision = engine.all_gather_object(decision)[0]
+    if "error" in decision:
+        raise RunDirError(decision["error"])
+    if decision.get("moved"):
+        say(f"--overwrite: the previous run was moved to {decision['moved']}")
+    if decision["action"] == "finished":
+        say(f"{run} is a finished run ({decision['steps']} steps, metrics.json); nothing to do (pass a larger "
+            "--steps to continue it, or a new --out)")
+        return json.loads((run / "metrics.json").read_text())
 
     # ---- data: discover, split, prepare (all checks happen here, before any training) -----------------
     manifest = None
@@ -73,12 +167,18 @@ def finetune(cfg, progress: bool = True) -> dict:
         run.mkdir(parents=True, exist_ok=True)
         cfg.dump(run / "config.yaml")
         (run / "split.json").write_text(json.dumps(split, indent=1))
+        if manifest is not None:  # the run folder records what it was fine-tuned from
+            shutil.copyfile(Path(cfg.export) / "manifest.json", run / "manifest.json")
     say(f"data: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test volumes of "
         f"{cfg.dataset}; {n_classes - 1} foreground classes ({', '.join(f'{k} {v}' for k, v in classes.items() if k)}); "
         f"spacing {pre.spacing or 'native'} mm, CT window {list(pre.window.ct)} -> {list(pre.window.out)}")
 
     # ---- model -----------------------------------------------------------------------------------------
     model, report, _, arch = build(cfg, in_ch, n_classes, log=say)
+    spec = _network_spec(model, arch, in_ch, n_classes, classes, pre, cfg, getattr(model, "component", None),
+                         train_cases[0].meta.get("modality") or train_cases[0].source.modality)
+    if env.is_main:
+        (run / "network.json").write_text(json.dumps(spec, indent=1))
     decoder_digest = param_digest(model.decoder)[:16] if hasattr(model, "decoder") else None
     say(f"model: {getattr(model, 'backbone_name', arch)} + {arch} decoder, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; init {cfg.init}\n{report.summary()}")
@@ -91,28 +191,56 @@ def finetune(cfg, progress: bool = True) -> dict:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6,
                          lambda_dice=cfg.loss.dice_weight, lambda_ce=cfg.loss.ce_weight)
 
-    sampler = D.CropSampler(train_cases, pre.window, cfg, cfg.train.micro_batch, cfg.train.seed, env.rank)
+    # ---- resume: the newest complete checkpoint of this run folder ----------------------------------
+    ckpt_dir = run / "checkpoints"
+    best = {"dice": -1.0, "step": 0}
+    best_state = None
+    history = []
+    start = 0
+    if decision["action"] == "continue":
+        start, _, state = ckpt.resume(eng, ckpt_dir, env.rank, env.world_size, log=say)
+        if state is not None:
+            best, history = state["best"], state["history"]
+            _set_rng_state(state["torch_rng"])
+            best_file = ckpt_dir / ckpt.tag_for(start) / "best.safetensors"
+            if best_file.exists():
+                from safetensors.torch import load_file
+
+                best_state = load_file(str(best_file))
+            say(f"continuing {run} from step {start} (best validation Dice {best['dice']:.4f} at step {best['step']})")
+    sampler = D.CropSampler(train_cases, pre.window, cfg, cfg.train.micro_batch, cfg.train.seed, env.rank, start)
     loader = torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=cfg.data.num_workers,
                                          persistent_workers=cfg.data.num_workers > 0)
     batches = iter(loader)
-    log = RunLog(cfg, run, env.is_main)
-    bar = tqdm(total=cfg.train.steps, disable=not (env.is_main and progress), unit="step",
-               desc=f"finetune {cfg.init}", dynamic_ncols=True)
+    log = FTRunLog(cfg, run, env.is_main)
+    bar = Progress(cfg.train.steps, initial=start, desc=f"finetune {cfg.init}", every=cfg.train.log_every,
+                   enabled=env.is_main and progress)
 
-    def validate() -> float:
+    def validate() -> tuple[float, dict]:
         scores = {}
         for c in val_cases:
             probs = predict_probs(eng.module, c.normalised(pre.window), cfg, env.device, autocast)
             scores[c.key] = dice_per_class(probs.argmax(0).numpy(), c.label, n_classes)["dice"]
         merged = {k: v for part in engine.all_gather_object(scores) for k, v in part.items()}
-        return _nanmean(_nanmean(d.values()) for d in merged.values()) if merged else float("nan")
+        per_class = {classes.get(c, f"class{c}"): _nanmean(d[c] for d in merged.values()) for c in range(1, n_classes)}
+        return (_nanmean(_nanmean(d.values()) for d in merged.values()) if merged else float("nan")), per_class
 
-    best = {"dice": -1.0, "step": 0}
-    best_state = None
-    history = []
+    def save_checkpoint(step: int) -> None:
+        tag_dir = ckpt_dir / ckpt.tag_for(step)
+        if env.is_main:
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            if best_state is not None:
+                from medssl.pretrain.export import save_safetensors
+
+                save_safetensors({k: v.contiguous() for k, v in best_state.items()}, tag_dir / "best.safetensors")
+        engine.barrier()
+        ckpt.save(eng, ckpt_dir, step, step * global_batch,
+                  {"best": best, "history": history, "torch_rng": _rng_state(), "sampler_start": step},
+                  env.rank, cfg.train.keep_last, config=cfg.to_dict())
+
     global_batch = engine.check_batch(cfg, env.world_size)
     t_train = time.time()
-    for step in range(1, cfg.train.steps + 1):
+    for step in range(start + 1, cfg.train.steps + 1):
         lr = lr_at(step - 1, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -126,21 +254,27 @@ def finetune(cfg, progress: bool = True) -> dict:
             eng.backward(loss)
             eng.step()
             losses.append(float(loss.detach()))
-        bar.update(1)
         record = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = {"step": step, "lr": lr, "loss": float(np.mean(losses)),
-                      "steps_per_s": step / max(time.time() - t_train, 1e-9)}
+                      "steps_per_s": (step - start) / max(time.time() - t_train, 1e-9)}
+        bar.update(step, loss=float(np.mean(losses)), lr=lr)
         if split["val"] and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-            score = validate()
-            history.append({"step": step, "val_dice": score})
-            record = {**(record or {"step": step}), "val_dice": score}
+            score, per_class = validate()
+            history.append({"step": step, "val_dice": score, "val_dice_per_class": per_class})
+            record = {**(record or {"step": step}), "val_dice": score,
+                      **{f"val_dice/{k}": v for k, v in per_class.items()}}
             if score > best["dice"] or best_state is None:
                 best = {"dice": score, "step": step}
                 best_state = {k: v.detach().float().cpu().clone() for k, v in eng.module.state_dict().items()}
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val=f"{score:.3f}", best=f"{best['dice']:.3f}@{best['step']}")
+                if env.is_main:
+                    _save_best(run / "model_best.safetensors", best_state, best, spec)
+            if env.is_main:
+                bar.write(_dice_line(step, cfg.train.steps, score, per_class, best))
         if record is not None:
             log.write(record)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            save_checkpoint(step)
     bar.close()
     train_s = time.time() - t_train
     if best_state is None:  # no validation volumes: the last weights
@@ -148,10 +282,7 @@ def finetune(cfg, progress: bool = True) -> dict:
         best_state = {k: v.detach().float().cpu().clone() for k, v in eng.module.state_dict().items()}
     eng.module.load_state_dict(best_state)
     if env.is_main:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in best_state.items()}, str(run / "model_best.safetensors"),
-                  metadata={"step": str(best["step"]), "val_dice": str(best["dice"])})
+        _save_best(run / "model_best.safetensors", best_state, best, spec)
 
     # ---- test: original geometry, Dice per class, overlays ------------------------------------------
     t_test = time.time()
@@ -174,8 +305,11 @@ def finetune(cfg, progress: bool = True) -> dict:
             res["original"] = dice_per_class(pred_o, truth_o, n_classes, orig["spacing"], cfg.eval.hd95)
         if cfg.eval.overlays:
             res["overlay"] = str(run / "overlays" / f"{c.key}.png")
-            overlay_png(img[0], c.label, pred, Path(res["overlay"]), f"{c.key} — {cfg.init} "
-                        f"(Dice {_nanmean(res['grid']['dice'].values()):.3f})", n_classes, cfg.eval.overlays)
+            space_now = "original" if "original" in res else "grid"
+            overlay_png(img[0], c.label, pred, Path(res["overlay"]),
+                        f"{c.key} — {cfg.init}, step {best['step']} — mean Dice "
+                        f"{_nanmean(res[space_now]['dice'].values()):.3f} ({space_now} space)", n_classes,
+                        cfg.eval.overlays, classes=classes)
         results[c.key] = res
     results = {k: v for part in engine.all_gather_object(results) for k, v in part.items()}
     test_s = time.time() - t_test
@@ -186,7 +320,7 @@ def finetune(cfg, progress: bool = True) -> dict:
         per_class = {classes.get(c, f"class{c}"): _nanmean(r[space]["dice"][c] for r in results.values())
                      for c in range(1, n_classes)}
         metrics = {
-            "init": cfg.init, "export": cfg.export, "arch": arch, "dataset": cfg.dataset,
+            "init": cfg.init, "export": cfg.export, "network": spec, "arch": arch, "dataset": cfg.dataset,
             "dice_space": space, "mean_dice": _nanmean(per_class.values()), "dice": per_class,
             "cases": {k: {"dice": {classes.get(c, str(c)): v for c, v in r[space]["dice"].items()},
                           "dice_grid": {classes.get(c, str(c)): v for c, v in r["grid"]["dice"].items()},
@@ -202,6 +336,9 @@ def finetune(cfg, progress: bool = True) -> dict:
             "total_seconds": time.time() - t0, "config_hash": cfg.hash(),
         }
         (run / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        log.write({"step": cfg.train.steps, "test_mean_dice": metrics["mean_dice"],
+                   **{f"test_dice/{k}": v for k, v in per_class.items()}})
+        log.images(cfg.train.steps, {f"overlay/{k}": c["overlay"] for k, c in metrics["cases"].items() if c.get("overlay")})
         say(f"test Dice ({space} space, {len(results)} volumes): mean {metrics['mean_dice']:.4f} — "
             + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items())
             + f"; best validation {best['dice']:.4f} at step {best['step']}; {run / 'metrics.json'}")
