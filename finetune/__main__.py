@@ -83,7 +83,11 @@ def _report_main(argv) -> int:
     p.add_argument("runs", nargs="+", help="fine-tuning run folders (metrics.json)")
     p.add_argument("--out", default="report.md")
     a = p.parse_args(argv)
-    print(write_report(a.runs, a.out))
+    try:
+        print(write_report(a.runs, a.out))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

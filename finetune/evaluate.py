@@ -95,7 +95,7 @@ def write_nifti(labels: np.ndarray, affine, path: Path, reference: str | None = 
     nib.save(img, str(path))
 
 
-VIEW = "radiological view: axial slice, patient's right on the image's left, anterior up"
+from medssl.pretrain.pictures import VIEW, radiological
 
 
 def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Path, title: str,
@@ -112,12 +112,12 @@ def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Pa
     FigureCanvasAgg(fig)
     cmap = _label_cmap(n_classes)
     for r, z in enumerate(zs):
-        base = image[::-1, ::-1, z].T  # RAS grid → radiological view: anterior up, patient's right on the left
+        base = radiological(image[..., z])  # RAS grid → radiological view: anterior up, patient's right on the left
         for c, (name, lab) in enumerate((("image", None), ("truth", truth), ("prediction", pred))):
             ax = fig.add_subplot(len(zs), 3, r * 3 + c + 1)
             ax.imshow(base, cmap="gray", interpolation="nearest")
             if lab is not None:
-                m = np.ma.masked_equal(lab[::-1, ::-1, z].T, 0)
+                m = np.ma.masked_equal(radiological(lab[..., z]), 0)
                 ax.imshow(m, cmap=cmap, vmin=0, vmax=max(n_classes - 1, 1), alpha=0.55, interpolation="nearest")
             ax.set_title(f"{name} (slice z={z})" if c == 0 else f"{name} (z={z})", fontsize=9)
             ax.axis("off")
@@ -127,7 +127,7 @@ def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Pa
     handles = [Patch(color=cmap(k), label=f"{k} {names.get(k, f'class{k}')}") for k in range(1, n_classes)]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.suptitle(f"{title}\n{VIEW}", fontsize=9)
+    fig.suptitle(f"{title}\n{VIEW.replace(chr(10), ' ')}", fontsize=9)
     fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path))

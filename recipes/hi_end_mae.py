@@ -291,7 +291,7 @@ class HiEndMAE(nn.Module):
             vols = {k: self.unpatchify(v)[:, 0, :, :, z].cpu().numpy() for k, v in cols.items()}  # [n, X, Y] each
         finally:
             self.train(was_training)
-        return _draw(vols, path)
+        return _draw(vols, path, z)
 
     # ------------------------------------------------------------------------------ engine hooks
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -310,7 +310,7 @@ class HiEndMAE(nn.Module):
         return {"crop_size": tuple(self.backbone.img_size)}
 
 
-def _draw(vols: dict[str, np.ndarray], path=None) -> np.ndarray:
+def _draw(vols: dict[str, np.ndarray], path=None, z: int | None = None) -> np.ndarray:
     """Rows = samples, columns = ``vols``' keys; masked voxels (NaN) in a grey-blue; one grey range per row
     (the input's) except for the normalised target. Returns RGB uint8."""
     import matplotlib
@@ -325,4 +325,5 @@ def _draw(vols: dict[str, np.ndarray], path=None) -> np.ndarray:
         lo, hi = float(np.nanmin(vols["input"][r])), float(np.nanmax(vols["input"][r]))
         return {"cmap": cmap, "vmin": lo, "vmax": hi if hi > lo else lo + 1}
 
-    return draw_grid(vols, style, path)
+    label = (lambda r: f"sample {r}, z={z}") if z is not None else None  # noqa: E731
+    return draw_grid(vols, style, path, legend={"masked patch": (0.45, 0.45, 0.6)}, row_label=label)

@@ -279,7 +279,12 @@ class VolumeFusion(nn.Module):
 
         k = self.cfg.fusion_classes
         maps = lambda title, r: {"cmap": "viridis", "vmin": 0, "vmax": k} if title.endswith(" k") else {}  # noqa: E731
-        return draw_grid({t: v.cpu().numpy() for t, v in cols.items()}, maps, path)
+        import matplotlib
+
+        viridis = matplotlib.colormaps["viridis"]
+        legend = {f"k={i}": viridis(i / k) for i in range(k + 1)}  # fusion coefficient classes of the k maps
+        return draw_grid({t: v.cpu().numpy() for t, v in cols.items()}, maps, path, legend=legend,
+                         row_label=lambda r: f"sample {r}, z={z}")
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on ≥ 2-D weights only (norm scales and biases plain)."""

@@ -185,3 +185,61 @@ def test_point12_dice_and_overlays_reach_wandb(ft):
     m = json.loads((ft["run"] / "metrics.json").read_text())
     final = [r for r in ext if r["call"] == "log" and "test_mean_dice" in r["data"]][0]["data"]
     assert final["test_mean_dice"] == pytest.approx(m["mean_dice"])
+
+
+def test_point11_report_flags_runs_that_do_not_compare(ft, tmp_path):
+    import shutil
+
+    from medssl.finetune.report import write_report
+
+    run = ft["run"]
+    other = tmp_path / "other"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    m = json.loads((other / "metrics.json").read_text())
+    m["steps"], m["network"]["backbone"]["name"] = 99, "resenc3d_tiny"
+    (other / "metrics.json").write_text(json.dumps(m))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("out: x\n")
+    table = write_report([run, other, unfinished], tmp_path / "report.md")
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "vit3d_tiny_p16 + unetr" in rows["run"] and rows["run"].rstrip().endswith("| yes |")
+    assert "**no**: other network, steps" in rows["other"] and "resenc3d_tiny + unetr" in rows["other"]
+    assert "incomplete" in rows["unfinished"]
+    text = (tmp_path / "report.md").read_text()
+    assert "not comparable" in text and "incomplete" in text
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "medssl.finetune", "report", str(unfinished), "--out",
+                           str(tmp_path / "r2.md")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "metrics.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_point12_pictures_share_one_orientation_and_explain_themselves(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from medssl.finetune.evaluate import overlay_png
+    from medssl.pretrain.pictures import VIEW, draw_grid
+
+    said = []
+    real_suptitle, real_legend = Figure.suptitle, Figure.legend
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **k: said.append(("title", t)) or real_suptitle(self, t, **k))
+    monkeypatch.setattr(Figure, "legend", lambda self, *a, **k: said.append(
+        ("legend", [h.get_label() for h in k.get("handles", [])])) or real_legend(self, *a, **k))
+    vol = np.zeros((1, 24, 24), dtype=np.float32)
+    vol[:, 16:, :] = 1.0  # the patient's right (RAS +x) is bright
+    rgb = draw_grid({"input": vol}, path=tmp_path / "step00000200.png", legend={"masked patch": (0.4, 0.4, 0.6)})
+    gray = rgb.mean(-1)
+    rows = gray[gray.shape[0] // 4: 3 * gray.shape[0] // 4]
+    dark = np.where(rows.mean(0) < 60)[0]  # the dark columns of the panel: the patient's left
+    bright_cols = np.where(rows.mean(0) > 250)[0]
+    assert dark.size and dark.mean() > gray.shape[1] / 2, "radiological: the patient's right is drawn on the left"
+    assert ("legend", ["masked patch"]) in said
+    assert any(k == "title" and t.startswith("step 200") and VIEW in t for k, t in said), said
+    said.clear()
+    lab = np.zeros((24, 24, 4), dtype=np.uint8)
+    lab[16:, 4:10, 2] = 1
+    overlay_png(np.repeat(vol[0][..., None], 4, -1), lab, lab, tmp_path / "o.png", "c1 — mean Dice 0.500", 3,
+                classes={0: "background", 1: "liver", 2: "spleen"})
+    assert ("legend", ["1 liver", "2 spleen"]) in said
+    assert any(k == "title" and "mean Dice 0.500" in t and "radiological" in t for k, t in said)
+    assert bright_cols.size
