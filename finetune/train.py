@@ -34,40 +34,6 @@ def _nanmean(values) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-class FTRunLog(RunLog):
-    """``metrics.jsonl`` and wandb; the wandb run id is kept in ``RUN/wandb_id`` so that a resumed or
-    extended run continues the same wandb run (``resume="allow"``)."""
-
-    def __init__(self, cfg, run_dir: Path, enabled: bool):
-        self.enabled, self.path, self.wandb = enabled, run_dir / "metrics.jsonl", None
-        if not enabled:
-            return
-        mode = os.environ.get("WANDB_MODE") or cfg.train.wandb
-        if mode == "disabled":
-            return
-        id_file = run_dir / "wandb_id"
-        if not id_file.exists():
-            id_file.write_text(f"{run_dir.name}-{cfg.hash()[:8]}\n")
-        try:
-            import wandb
-
-            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), mode=mode, name=run_dir.name,
-                                    config=cfg.to_dict(), resume="allow", id=id_file.read_text().strip())
-        except Exception as exc:  # noqa: BLE001 - logging must never stop training
-            print(f"warning: wandb disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
-
-    def images(self, step: int, pictures: dict[str, str]) -> None:
-        """Log PNG files (``{key: path}``) as wandb images at ``step``."""
-        if self.wandb is None or not pictures:
-            return
-        try:
-            import wandb
-
-            self.wandb.log({k: wandb.Image(str(v), caption=Path(v).stem) for k, v in pictures.items()}, step=step)
-        except Exception as exc:  # noqa: BLE001
-            print(f"warning: wandb images not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
-
-
 def _rng_state() -> str:
     return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
 
@@ -212,7 +178,7 @@ def finetune(cfg, progress: bool = True, resume: str = "auto", overwrite: bool =
     loader = torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=cfg.data.num_workers,
                                          persistent_workers=cfg.data.num_workers > 0)
     batches = iter(loader)
-    log = FTRunLog(cfg, run, env.is_main)
+    log = RunLog(cfg, run, env.is_main)
     bar = Progress(cfg.train.steps, initial=start, desc=f"finetune {cfg.init}", every=cfg.train.log_every,
                    enabled=env.is_main and progress)
 

@@ -46,24 +46,41 @@ def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
 
 
 class RunLog:
-    """Rank 0's record of a run: ``metrics.jsonl`` always, wandb beside it (offline unless configured)."""
+    """Rank 0's record of a run (pretraining and fine-tuning): ``metrics.jsonl`` always, wandb beside it
+    (offline unless configured). The wandb run id is kept in ``RUN/wandb_id``, so a resumed or extended
+    run (another ``train.steps``, hence another config hash) continues the same wandb run."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool):
+    def __init__(self, cfg, run_dir: Path, enabled: bool):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         if not enabled:
             return
         mode = os.environ.get("WANDB_MODE") or cfg.train.wandb
-        if mode != "disabled":
-            try:
-                import wandb
+        if mode == "disabled":
+            return
+        id_file = run_dir / "wandb_id"
+        if not id_file.exists():
+            id_file.write_text(f"{run_dir.name}-{cfg.hash()[:8]}\n")
+        try:
+            import wandb
 
-                self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), mode=mode,
-                                        name=run_dir.name, config=cfg.to_dict(), resume="allow",
-                                        id=f"{run_dir.name}-{cfg.hash()[:8]}")
-            except Exception as exc:  # noqa: BLE001 - logging must never stop training
-                print(f"warning: wandb disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), mode=mode,
+                                    name=run_dir.name, config=cfg.to_dict(), resume="allow",
+                                    id=id_file.read_text().strip())
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            print(f"warning: wandb disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+    def images(self, step: int, pictures: dict) -> None:
+        """Log PNG files (``{key: path}``) as wandb images at ``step``."""
+        if self.wandb is None or not pictures:
+            return
+        try:
+            import wandb
+
+            self.wandb.log({k: wandb.Image(str(v), caption=Path(v).stem) for k, v in pictures.items()}, step=step)
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            print(f"warning: wandb images not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -225,7 +242,10 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
             shown = {"loss": float(scalars.get("loss", float("nan"))), "lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
         bar.update(step, **shown)
         if env.is_main and cfg.train.picture_every and (step % cfg.train.picture_every == 0 or step == cfg.train.steps):
-            _picture(eng.module, batch, run_dir / "pictures" / f"step{step:08d}.png")
+            png = run_dir / "pictures" / f"step{step:08d}.png"
+            _picture(eng.module, batch, png)
+            if png.exists():
+                log.images(step, {"reconstruction": png})
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint.save(eng, ckpt_dir, step, samples, loader.state_dict(), env.rank, cfg.train.keep_last,
                             config=cfg.to_dict())

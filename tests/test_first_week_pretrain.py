@@ -320,3 +320,35 @@ def test_point13_print_config_and_version(capsys):
     assert medssl_main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"medssl {__version__}"
     r = subprocess.run([sys.executable, "-m", "medssl", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "medssl 0.1.0"
+
+
+def test_point12_extended_pretraining_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Extending a run changes train.steps (and the config hash); the wandb run id must stay the same, and
+    pictures are logged as images."""
+    import sys
+    import types
+
+    from medssl.pretrain.config import load_config, set_dotted
+    from medssl.pretrain.train import RunLog
+
+    calls, logged = [], []
+
+    class Run:
+        def log(self, data, step=None):
+            logged.append((step, sorted(data)))
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or Run(), Image=lambda path, caption=None: path)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config("hi_end_mae", preset="tiny")
+    RunLog(cfg, tmp_path, True).close()
+    set_dotted(cfg, "train.steps", cfg.train.steps * 2)
+    log = RunLog(cfg, tmp_path, True)
+    png = tmp_path / "step00000002.png"
+    png.write_bytes(b"png")
+    log.images(2, {"reconstruction": png})
+    assert len(calls) == 2 and calls[0]["id"] == calls[1]["id"] and calls[1]["resume"] == "allow"
+    assert logged == [(2, ["reconstruction"])]
