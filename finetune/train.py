@@ -192,17 +192,15 @@ def finetune(cfg, progress: bool = True, resume: str = "auto", overwrite: bool =
         return (_nanmean(_nanmean(d.values()) for d in merged.values()) if merged else float("nan")), per_class
 
     def save_checkpoint(step: int) -> None:
-        tag_dir = ckpt_dir / ckpt.tag_for(step)
-        if env.is_main:
-            tag_dir.mkdir(parents=True, exist_ok=True)
+        def best_weights(folder: Path) -> None:  # rank 0, into the checkpoint before it is published
             if best_state is not None:
                 from medssl.pretrain.export import save_safetensors
 
-                save_safetensors({k: v.contiguous() for k, v in best_state.items()}, tag_dir / "best.safetensors")
-        engine.barrier()
+                save_safetensors({k: v.contiguous() for k, v in best_state.items()}, folder / "best.safetensors")
+
         ckpt.save(eng, ckpt_dir, step, step * global_batch,
                   {"best": best, "history": history, "torch_rng": _rng_state(), "sampler_start": step},
-                  env.rank, cfg.train.keep_last, config=cfg.to_dict())
+                  env.rank, cfg.train.keep_last, config=cfg.to_dict(), extra=best_weights)
 
     global_batch = engine.check_batch(cfg, env.world_size)
     t_train = time.time()

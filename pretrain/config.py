@@ -73,6 +73,10 @@ class TrainConfig:
     log_every: int = 10
     picture_every: int = 1000
     seed: int = 0
+    # seconds one step (forward, backward, gradient all-reduce, optimizer) may take on a rank before its
+    # watchdog ends the process naming the ranks that did not answer (checkpoint saves get 3x); NCCL's own default is 600
+    collective_timeout: float = 600.0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (GPU); CPU fp32 runs are deterministic anyway
     wandb: str = "offline"  # offline | online | disabled (WANDB_MODE wins when set)
     wandb_project: str = "medssl"
 
@@ -250,7 +254,7 @@ def config_from_dict(d: dict) -> RunConfig:
 # new total), how often it logs, draws and checkpoints, where wandb goes, and the run dir's own path.
 # Any other difference makes the checkpoints a different model or data stream.
 RESUMABLE_KEYS = ("out", "train.steps", "train.log_every", "train.picture_every", "train.checkpoint_every",
-                  "train.keep_last", "train.wandb", "train.wandb_project")
+                  "train.keep_last", "train.wandb", "train.wandb_project", "train.collective_timeout")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -9,13 +9,17 @@ on CPU (gloo, DeepSpeed's CPU accelerator, a torch AdamW) and on GPUs (NCCL, bf1
 from __future__ import annotations
 
 import contextlib
+import datetime
 import difflib
 import io
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +90,9 @@ def quiet():
         raise
 
 
-def init_distributed() -> DistEnv:
-    """Start (or join) the process group: NCCL on GPUs, gloo on CPU."""
+def init_distributed(timeout: float | None = None) -> DistEnv:
+    """Start (or join) the process group: NCCL on GPUs, gloo on CPU. ``timeout`` (seconds) bounds each
+    collective inside torch; the loop's :class:`Watchdog` fires first with a clearer message."""
     quiet_libraries()
     with quiet():
         import deepspeed
@@ -101,7 +106,8 @@ def init_distributed() -> DistEnv:
     if cuda:
         torch.cuda.set_device(local_rank)
     with quiet():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        kw = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **kw)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
@@ -253,8 +259,183 @@ def all_gather_object(obj):
     return out
 
 
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce_flags(*flags: float) -> list[float]:
+    """Element-wise maximum of a few numbers over every rank, in one collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------------- pre-emption
+class StopRequest:
+    """SIGTERM and SIGUSR1 — a scheduler's pre-emption notice, or torchrun passing on its own SIGTERM — ask
+    the loop to save a checkpoint at the end of the current step and exit 0. Repeats of the signal are
+    ignored (SLURM signals every process of a step and torchrun forwards its own copy); a launcher that
+    runs out of patience still ends the process with SIGKILL."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.signal: str | None = None
+        self._old: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            if self.rank == 0:
+                print(f"{self.signal} received: saving a checkpoint at the end of this step, then exiting "
+                      "(resume with the same command)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+# ------------------------------------------------------------------------------------ watchdog
+class Watchdog:
+    """A thread per rank that turns a hang into an exit with a reason.
+
+    The loop marks what it does (:meth:`armed` around each step's forward, backward, gradient all-reduce
+    and optimizer step, and around checkpoint saves; :meth:`note` elsewhere). Every few seconds the thread
+    writes a heartbeat ``(beat, step, what)`` of its rank into the job's rendezvous store (the TCP store at
+    ``MASTER_ADDR:MASTER_PORT``, hosted by torchrun or by rank 0). When an armed phase outlives its limit
+    (``train.collective_timeout``), it reads every rank's heartbeat twice, names the ranks whose heartbeat
+    stood still (a stopped, dead or hung process) and where the others are, and ends the process with exit
+    code 3, so that ``torchrun --max-restarts`` or a requeued job resumes from the newest checkpoint
+    instead of waiting for ever. A world of one has no other rank to wait for and runs no thread."""
+
+    EXIT_CODE = 3
+    PREFIX = "medssl/heartbeat/"
+
+    def __init__(self, rank: int, world: int, timeout: float, enabled: bool | None = None):
+        self.rank, self.world, self.timeout = rank, world, float(timeout)
+        self.interval = max(0.5, min(5.0, self.timeout / 6))
+        self._phase: tuple | None = None  # (step, what, started, limit) while armed
+        self._where = (0, "starting")
+        self._beat = 0
+        self._stop = threading.Event()
+        self._store = None
+        self._thread = None
+        if enabled is False or (enabled is None and world < 2):
+            return
+        self._store = self._connect()
+        self._thread = threading.Thread(target=self._run, name="medssl-watchdog", daemon=True)
+        self._thread.start()
+
+    def _connect(self):
+        from torch.distributed import TCPStore
+
+        try:
+            return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                            timeout=datetime.timedelta(seconds=max(5.0, self.interval * 2)))
+        except Exception as exc:  # noqa: BLE001 - the watchdog still ends a hang, it only names fewer ranks
+            print(f"warning: rank {self.rank}: the watchdog cannot reach the rendezvous store ({exc}); a hang "
+                  f"still ends after train.collective_timeout, without naming the silent ranks", file=sys.stderr)
+            return None
+
+    def note(self, step: int, what: str) -> None:
+        self._where = (step, what)
+
+    @contextlib.contextmanager
+    def armed(self, step: int, what: str, limit: float | None = None):
+        self._where = (step, what)
+        self._phase = (step, what, time.monotonic(), float(limit or self.timeout))
+        try:
+            yield
+        finally:
+            self._phase = None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval)
+
+    def _heartbeat(self) -> None:
+        if self._store is None:
+            return
+        self._beat += 1
+        step, what = self._where
+        try:
+            self._store.set(f"{self.PREFIX}{self.rank}", json.dumps([self._beat, step, what]))
+        except Exception:  # noqa: BLE001 - a missed heartbeat is not an error of this rank
+            pass
+
+    def _read(self) -> dict[int, list] | None:
+        if self._store is None:
+            return None
+        out = {}
+        try:
+            for r in range(self.world):
+                key = f"{self.PREFIX}{r}"
+                if self._store.check([key]):
+                    out[r] = json.loads(self._store.get(key))
+        except Exception:  # noqa: BLE001 - the store itself may live in a stopped process
+            return None
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._heartbeat()
+            phase = self._phase
+            if phase is not None and time.monotonic() - phase[2] > phase[3]:
+                self._fire(*phase)
+
+    def _fire(self, step: int, what: str, started: float, limit: float) -> None:
+        waited = time.monotonic() - started
+        lines = [f"medssl: rank {self.rank}: step {step}: '{what}' has waited {waited:.0f} s, longer than "
+                 f"train.collective_timeout ({limit:g} s)."]
+        first = self._read()
+        time.sleep(2.5 * self.interval)
+        second = self._read()
+        if first is None or second is None:
+            lines.append(f"The rendezvous store ({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) did not "
+                         "answer either: the launcher or rank 0, which host it, may be stopped or gone.")
+        else:
+            silent = [r for r in range(self.world) if r != self.rank
+                      and (r not in second or second[r][0] == first.get(r, [None])[0])]
+            alive = [r for r in range(self.world) if r != self.rank and r not in silent]
+            if silent:
+                lines.append("Rank(s) that did not answer (stopped, dead or hung): " + ", ".join(
+                    f"{r}" + (f" (last seen at step {second[r][1]}, {second[r][2]})" if r in second else " (never seen)")
+                    for r in silent[:16]) + (" …" if len(silent) > 16 else ""))
+            else:
+                lines.append("Every other rank still answers: one of them is slow or stuck inside a collective.")
+            if alive:
+                lines.append("Still answering: " + ", ".join(f"rank {r} at step {second[r][1]} ({second[r][2]})"
+                                                            for r in alive[:16]) + (" …" if len(alive) > 16 else ""))
+        lines.append(f"Exiting with code {self.EXIT_CODE} so that the job can restart (torchrun --max-restarts, or a "
+                     "requeue) and resume from the newest checkpoint; raise train.collective_timeout if steps "
+                     "legitimately take this long.")
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+        os._exit(self.EXIT_CODE)

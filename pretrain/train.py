@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import checkpoint, engine
@@ -81,6 +83,23 @@ class RunLog:
             self.wandb.log({k: wandb.Image(str(v), caption=Path(v).stem) for k, v in pictures.items()}, step=step)
         except Exception as exc:  # noqa: BLE001 - logging must never stop training
             print(f"warning: wandb images not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+    def truncate(self, step: int) -> None:
+        """Keep only the rows up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    keep.append(line)
+            except (ValueError, AttributeError, TypeError):
+                continue  # a half-written last line of a killed run
+        if len(keep) != len(lines):
+            tmp = self.path.with_name(".metrics.jsonl.part")
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -156,14 +175,30 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
 
     ``resume``: ``auto`` | ``none`` | a checkpoint tag (``plan.resume_dir`` holds its folder). ``plan``
     (from ``python -m medssl.pretrain``'s argument phase) may name a folder to move the old run into.
-    ``progress=False`` drops the terminal bar; the plain lines every ``train.log_every`` steps stay."""
+    ``progress=False`` drops the terminal bar; the plain lines every ``train.log_every`` steps stay.
+
+    Exact resume: every random draw of a step comes from torch's, numpy's and python's global generators
+    (saved per rank in each checkpoint) or from the stream's own generators (saved per worker), so a run
+    resumed from step N continues as the uninterrupted run would have. SIGTERM / SIGUSR1 save a checkpoint
+    at the end of the current step and return (exit 0); a step that outlives ``train.collective_timeout``
+    ends the process through :class:`engine.Watchdog`."""
     from .progress import Progress
 
     # DeepSpeed's ZeRO-1/2 still calls a collective torch marks deprecated; say it once in the docs, not per step
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    env = engine.init_distributed()
+    t = cfg.train
+    # torch's own per-collective timeout stays above the watchdog's, so the watchdog speaks first
+    env = engine.init_distributed(timeout=t.collective_timeout + 120)
+    stopper = engine.StopRequest(env.rank)
     with engine.quiet():
         import deepspeed
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if elastic_restart() and plan is not None and plan.move_aside:
+        # a restart of the same job (torchrun --max-restarts, a requeue) continues what its first attempt began
+        plan.move_aside, plan.resume, resume = None, "auto", "auto"
     run_dir = Path(cfg.out)
     ckpt_dir = run_dir / "checkpoints"
     if env.is_main:
@@ -173,7 +208,9 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
         (run_dir / "pictures").mkdir(parents=True, exist_ok=True)
         cfg.dump(run_dir / "config.yaml")
     engine.barrier()
-    torch.manual_seed(cfg.train.seed + env.rank)
+    torch.manual_seed(t.seed + env.rank)
+    np.random.seed(t.seed + env.rank)
+    random.seed(t.seed + env.rank)
 
     task = build_task(cfg)
     optimizer = make_optimizer(task.param_groups(cfg.optim.weight_decay), cfg)
@@ -182,75 +219,113 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
         eng, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
 
     start, samples, loader_state = (0, 0, None)
-    resumed_from = None
+    resumed_from, info = None, {}
     if resume != "none":
+        from medssl.shards.loader import check_state
+
         tag = None if resume == "auto" else resume
         src = Path(plan.resume_dir) if (tag and plan is not None and plan.resume_dir) else ckpt_dir
-        start, samples, loader_state = checkpoint.resume(eng, src, env.rank, env.world_size,
-                                                          log=lambda *_: None, tag=tag)
+        start, samples, loader_state = checkpoint.resume(eng, src, env.rank, env.world_size, log=lambda *_: None,
+                                                          tag=tag, check_loader=check_state, info=info,
+                                                          zero_stage=t.zero_stage)
         if start:
-            resumed_from = str(src / json.loads((run_dir / "resume.json").read_text())["tag"]) if env.is_main else "?"
+            resumed_from = str(src / info["tag"])
     if env.is_main:
         print(summary(cfg, env, task, plan, start, resumed_from), flush=True)
-    loader = make_stream(cfg, env, cfg.train.seed)
+        if info.get("changed"):
+            print(f"  changed on resume: {info['changed']}", flush=True)
+    loader = make_stream(cfg, env, t.seed)
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     batches = iter(loader)
     global_batch = engine.check_batch(cfg, env.world_size)
     log = RunLog(cfg, run_dir, env.is_main)
-    bar = Progress(cfg.train.steps, initial=start, desc=cfg.recipe, every=cfg.train.log_every, enabled=env.is_main,
+    log.truncate(start)  # rows past the checkpoint are replaced, not repeated
+    bar = Progress(t.steps, initial=start, desc=cfg.recipe, every=t.log_every, enabled=env.is_main,
                    bar=None if progress else False)
     prec = engine.precision(cfg, env.device)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+    watch = engine.Watchdog(env.rank, env.world_size, t.collective_timeout)
+    if info.get("rng"):
+        checkpoint.set_rng_state(info["rng"])  # last, so that nothing above draws from the restored generators
+    elif start:
+        torch.manual_seed(t.seed * 1_000_003 + env.rank * 7919 + start)  # another world: fresh, reproducible draws
     t_last, s_last, bad_in_row = time.time(), samples, 0
-    step = start
+    step, saved_at, stopped = start, start, False
     batch = None
     shown: dict = {}
-    while step < cfg.train.steps:
+    while step < t.steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         scalars: dict[str, float] = {}
-        for _ in range(cfg.train.grad_accum):
+        for _ in range(t.grad_accum):
+            watch.note(step + 1, "waiting for data")
             batch = _to_device(next(batches), env.device)
-            with autocast:
-                out = eng(batch)
-            loss = out["loss"]
-            if engine.all_reduce_max(0.0 if torch.isfinite(loss.detach()).all() else 1.0):
-                keys = engine.all_gather_object(batch["key"])
-                if env.is_main:
-                    bar.write(f"warning: non-finite loss at step {step}; batch volumes per rank: {keys} — skipped")
-                bad_in_row += 1
-                if bad_in_row >= 10:
-                    raise FloatingPointError(f"10 non-finite losses in a row at step {step}: lower optim.lr, "
-                                             "check the data (python -m medssl.shards verify) or use precision fp32")
-                continue
-            bad_in_row = 0
-            eng.backward(loss)
-            eng.step()
+            with watch.armed(step + 1, "forward, backward, gradient all-reduce and optimizer step"):
+                with autocast:
+                    out = eng(batch)
+                loss = out["loss"]
+                bad, stop = engine.all_reduce_flags(0.0 if torch.isfinite(loss.detach()).all() else 1.0,
+                                                    1.0 if stopper.requested else 0.0)
+                stopped = stopped or bool(stop)
+                if bad:
+                    keys = engine.all_gather_object(batch["key"])
+                    if env.is_main:
+                        bar.write(f"warning: non-finite loss at step {step}; batch volumes per rank: {keys} — skipped")
+                    bad_in_row += 1
+                    if bad_in_row >= 10:
+                        raise FloatingPointError(f"10 non-finite losses in a row at step {step}: lower optim.lr, "
+                                                 "check the data (python -m medssl.shards verify) or use precision fp32")
+                    continue
+                bad_in_row = 0
+                eng.backward(loss)
+                eng.step()
             for k, v in out.items():
-                scalars[k] = scalars.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.train.grad_accum
+                scalars[k] = scalars.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / t.grad_accum
         step += 1
         samples += global_batch
-        if env.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-            now = time.time()
-            rate = (samples - s_last) / max(now - t_last, 1e-9)
-            t_last, s_last = now, samples
-            record = {"step": step, "lr": lr, "samples": samples, "samples_per_s": rate, **scalars,
-                      "stream_errors": loader.errors}
-            log.write(record)
-            shown = {"loss": float(scalars.get("loss", float("nan"))), "lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
+        if step % t.log_every == 0 or step == t.steps or stopped:
+            errors = stream_errors(loader)
+            if env.is_main:
+                now = time.time()
+                rate = (samples - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, samples
+                record = {"step": step, "lr": lr, "samples": samples, "samples_per_s": rate, **scalars,
+                          "stream_errors": sum(sum(k.values()) for k in errors.values())}
+                if errors:
+                    record["stream_errors_by_shard"] = errors
+                log.write(record)
+                shown = {"loss": float(scalars.get("loss", float("nan"))), "lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
         bar.update(step, **shown)
-        if env.is_main and cfg.train.picture_every and (step % cfg.train.picture_every == 0 or step == cfg.train.steps):
+        if env.is_main and t.picture_every and (step % t.picture_every == 0 or step == t.steps):
             png = run_dir / "pictures" / f"step{step:08d}.png"
             _picture(eng.module, batch, png)
             if png.exists():
                 log.images(step, {"reconstruction": png})
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            checkpoint.save(eng, ckpt_dir, step, samples, loader.state_dict(), env.rank, cfg.train.keep_last,
-                            config=cfg.to_dict())
+        if step % t.checkpoint_every == 0 or step == t.steps or stopped:
+            with watch.armed(step, "saving a checkpoint", limit=3 * t.collective_timeout):
+                if checkpoint.save(eng, ckpt_dir, step, samples, loader.state_dict(), env.rank, t.keep_last,
+                                   config=cfg.to_dict(), world=env.world_size):
+                    saved_at = step
+        if stopped:
+            break
+    watch.close()
+    stopper.close()
     bar.close()
+    errors = stream_errors(loader)
     log.close()
+    if env.is_main and errors:
+        print(f"stream errors over all ranks (shard: kind x count): " + "; ".join(
+            f"{s}: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()) for s, kinds in errors.items()), flush=True)
+    if stopped and step < t.steps:
+        if env.is_main:
+            where = (f"checkpoint {ckpt_dir / checkpoint.tag_for(saved_at)}" if saved_at == step
+                     else f"the save failed; the newest checkpoint is step {saved_at}")
+            print(f"stopped by {stopper.signal or 'a signal on another rank'} at step {step} ({where}); run the same "
+                  "command to continue", flush=True)
+        engine.barrier()
+        return run_dir
     if env.is_main:
         from .export import export_run
 
@@ -259,10 +334,25 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     return run_dir
 
 
+def stream_errors(loader) -> dict:
+    """Stream error counts per shard and kind, summed over every rank (a collective: call on all ranks)."""
+    from medssl.shards.loader import merge_error_counts
+
+    return merge_error_counts(engine.all_gather_object(loader.errors_by_shard))
+
+
+def elastic_restart() -> bool:
+    """Whether this process is a restart of the same job: torchrun --max-restarts, or a SLURM requeue."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
 def _picture(task, batch, path: Path) -> None:
     if batch is None or not hasattr(task, "reconstruct"):
         return
     try:
-        task.reconstruct(batch, path=path)
+        # pictures draw from their own generators: drawing one (or changing train.picture_every on resume)
+        # never shifts the training run's random draws
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            task.reconstruct(batch, path=path)
     except Exception as exc:  # noqa: BLE001 - a picture must never stop training
         print(f"warning: could not draw {path.name}: {type(exc).__name__}: {exc}", file=sys.stderr)

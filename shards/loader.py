@@ -27,17 +27,25 @@ Per worker
     run is reproducible and a volume's crops do not depend on what else was in the pool.
 
 Damaged data
-    A tar member that does not decode or fails its checksum is skipped and counted; the stream goes on
-    and the count reaches the caller (``loader.errors``, ``loader.error_messages``). A training worker
-    that meets only damaged or unreadable data raises with the last error instead of searching forever.
+    A tar member that does not decode or fails its checksum is skipped and counted; the stream goes on.
+    A shard file that is missing, empty or unreadable is counted and a training slot reads the next
+    readable shard in its place; a tar that ends before the sample count of ``index.json`` (a truncated
+    file, or a damaged header, which Python's tarfile takes for the end of the archive) is counted with
+    the number of samples lost. Counts are kept per shard and kind (``loader.errors_by_shard``), with a
+    total (``loader.errors``) and the latest messages (``loader.error_messages``). A training worker that
+    meets only damaged or unreadable data raises with the reasons instead of searching forever.
 
 Waiting
     Nothing waits without a bound: the loader raises when a DataLoader worker delivers no batch within
     ``StreamConfig.timeout`` seconds (default 600; raise it for huge volumes on slow storage).
 
 Resumption
-    ``loader.state_dict()`` is a small JSON-able cursor (per worker: epoch and next volume);
-    ``load_state_dict`` before iterating continues after the last volume that reached the caller.
+    Every training crop carries its worker's whole state to the main process (position in the shard
+    sequence, the shuffle buffer's samples and generator, the pool's volumes with their crop origins and
+    generators, the error record); ``loader.state_dict()`` holds the state after the last batch delivered,
+    and ``load_state_dict`` before iterating continues with exactly the next crop: the pooled volumes
+    are re-read from their shards, nothing is replayed. A state from another world size, worker count
+    or shard set starts the next epoch instead, and says so.
 """
 
 from __future__ import annotations
@@ -134,7 +142,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             print(f"shards.stream: {per_epoch} volume(s) per epoch for {world_size} rank(s) × {workers} "
                   f"worker(s): volumes repeat so that every worker has one ({self.rank_budget} per rank per "
                   f"epoch); fewer workers (num_workers) repeat less", file=sys.stderr, flush=True)
-        self.cursors: dict[int, dict] = {}  # worker -> {"epoch", "next"} set by ShardLoader.load_state_dict
+        self.resume_states: dict[int, dict] = {}  # worker -> saved state, set by ShardLoader before iterating
+        self.worker_offset = 0  # which worker delivers the first batch (resuming mid-round)
 
     # ------------------------------------------------------------------ assignment
     def worker_budget(self, worker: int, workers: int) -> int:
@@ -177,73 +186,79 @@ class ShardStream(torch.utils.data.IterableDataset):
         return r_lo + worker * n // workers, r_lo + (worker + 1) * n // workers
 
     # ------------------------------------------------------------------ reading
-    def _raw(self, parts, errors) -> Iterator[dict]:
-        """Raw samples of ``(shard, stride, offset)`` parts: the shard's samples with ordinal % stride == offset."""
-        empty_streak = 0  # shards in a row that gave nothing: stop instead of spinning forever
-        for sid, stride, offset in parts:
-            path, count = self.shards[sid]
-            n = 0
-            for n, raw in enumerate(iter_tar(path, errors.add), start=1):
-                if not self.reads(n - 1, count, stride, offset):
-                    continue
-                raw["__ordinal__"] = n - 1
-                raw["__shard__"] = sid
-                yield raw
-            empty_streak = 0 if n else empty_streak + 1
-            if empty_streak > len(self.shards):
-                raise RuntimeError(f"no readable sample in any of the {len(self.shards)} shards; "
-                                   f"last error: {errors.messages[-1] if errors.messages else '?'}")
+    def shard_name(self, sid: int) -> str:
+        """How errors name a shard: ``<set folder>/<file>``."""
+        path = Path(self.shards[sid][0])
+        return f"{path.parent.name}/{path.name}"
+
+    def _shard_samples(self, sid: int, errors, start: int = 0) -> Iterator[tuple[int, dict]]:
+        """``(ordinal, raw)`` of every tar sample of shard ``sid`` from ``start`` on. A missing file, tar data
+        that cannot be read and a tar that ends before the count in ``index.json`` are counted against the
+        shard (``errors``), never passed over in silence: Python's tarfile reads a damaged header as the end
+        of the archive, so the count is the only witness of the samples behind it."""
+        path, count = self.shards[sid]
+        name = self.shard_name(sid)
+        if not os.path.exists(path):
+            errors.add(f"{name}: shard file missing ({count} samples listed in index.json); rebuild the set or "
+                       "restore the file", shard=name, kind="missing")
+            return
+        unreadable = []
+        seen = 0
+        for n, raw in enumerate(iter_tar(path, unreadable.append)):
+            seen = n + 1
+            if n < start:
+                continue
+            raw["__ordinal__"] = n
+            raw["__shard__"] = sid
+            yield n, raw
+        for message in unreadable:
+            errors.add(message, shard=name, kind="unreadable")
+        if seen == 0 and count and not unreadable:
+            errors.add(f"{name}: shard holds no sample ({count} listed in index.json); rebuild the set",
+                       shard=name, kind="empty")
+        elif 0 < seen < count:
+            errors.add(f"{name}: tar ends after {seen} of the {count} samples listed in index.json (truncated "
+                       f"file or damaged tar header); {count - seen} sample(s) are not read until the shard is "
+                       "rebuilt", shard=name, kind="truncated")
+
+    def _fetch(self, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+        """Raw samples by ``(shard, ordinal)`` (resuming a worker's shuffle buffer and pool): each shard is
+        read once, up to the last ordinal wanted from it."""
+        by_shard: dict[int, set[int]] = {}
+        for sid, ordinal in wanted:
+            by_shard.setdefault(int(sid), set()).add(int(ordinal))
+        found: dict[tuple[int, int], dict] = {}
+        quiet = _ErrorLog(echo=False)
+        for sid, ordinals in sorted(by_shard.items()):
+            for n, raw in self._shard_samples(sid, quiet):
+                if n in ordinals:
+                    found[(sid, n)] = raw
+                if n >= max(ordinals):
+                    break
+        return found
 
     def _decode(self, raw: dict, errors) -> tuple | None:
         try:
             image, label, meta = decode_sample(raw, check=self.cfg.check)
         except CorruptSample as exc:
-            errors.add(str(exc))
+            sid = raw.get("__shard__")
+            errors.add(str(exc), shard=self.shard_name(sid) if sid is not None else None, kind="damaged")
             return None
         return image, (label if self.cfg.labels else None), meta
 
-    def _train_volumes(self, worker: int, workers: int, errors) -> Iterator[tuple]:
-        cur = self.cursors.get(worker, {"epoch": 0, "next": 0})
-        epoch, skip = int(cur["epoch"]), int(cur["next"])
-        budget = self.worker_budget(worker, workers)
-        if budget < 1:  # cannot happen with worker_budget's floor; never loop without yielding
-            raise RuntimeError(f"shards.stream: rank {self.rank} worker {worker} has no volume to read")
-        # a worker that meets nothing but damaged samples raises instead of searching forever
-        damaged, limit = 0, max(2 * self.total, 16)
+    def _train_volumes(self, worker: int, workers: int, errors, saved: dict | None = None) -> Iterator[tuple]:
+        """The decoded volumes ``(epoch, ordinal, image, label, meta)`` of one training worker, in order."""
+        volumes = _TrainVolumes(self, worker, workers, errors, saved or {})
         while True:
-            rng = np.random.default_rng([self.cfg.seed, self.rank, worker, epoch, 1])
-            buf: list[dict] = []
-            ordinal = 0
-            raws = self._raw(self.train_shards(epoch, worker, workers), errors)
-            while ordinal < budget:
-                # shuffle buffer of undecoded samples
-                while len(buf) < self.cfg.shuffle_buffer:
-                    buf.append(next(raws))
-                raw = buf.pop(int(rng.integers(len(buf))))
-                if ordinal < skip:  # resuming: these volumes reached the caller before
-                    ordinal += 1
-                    continue
-                dec = self._decode(raw, errors)
-                if dec is None:
-                    damaged += 1
-                    if damaged >= limit:
-                        raise RuntimeError(
-                            f"shards.stream: rank {self.rank} worker {worker}: the last {damaged} samples were "
-                            f"all damaged (last: {errors.messages[-1] if errors.messages else '?'}); check "
-                            f"the shard set with `python -m medssl.shards verify DIR`")
-                    continue  # damaged: the budget is filled from the next sample
-                damaged = 0
-                yield (epoch, ordinal, *dec)
-                ordinal += 1
-            epoch, skip = epoch + 1, 0
+            yield volumes.next()[0]
 
     def _eval_volumes(self, worker: int, workers: int, errors) -> Iterator[tuple]:
         lo, hi = self.eval_range(worker, workers)
         start = 0
         for sid, (_, count) in enumerate(self.shards):
             if start + count > lo and start < hi:
-                for raw in self._raw([(sid, 1, 0)], errors):
-                    g = start + raw["__ordinal__"]
+                for n, raw in self._shard_samples(sid, errors):
+                    g = start + n
                     if lo <= g < hi:
                         dec = self._decode(raw, errors)
                         if dec is not None:
@@ -251,12 +266,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             start += count
 
     # ------------------------------------------------------------------ crops
-    def _admit(self, vol: tuple, worker: int) -> dict:
-        """Prepare a decoded volume for cropping: pad, find the body, draw its crops' origins and flips."""
+    def _admit(self, vol: tuple, worker: int, saved: dict | None = None) -> dict:
+        """Prepare a decoded volume for cropping: pad, find the body, draw its crops' origins and flips.
+        ``saved`` (resuming) restores the origins and the generator state the entry had when saved."""
         cfg = self.cfg
         epoch, ordinal, image, label, meta = vol
         rng = np.random.default_rng([cfg.seed, self.rank, worker, epoch, ordinal + 1_000_003])
         entry = {"epoch": epoch, "ordinal": ordinal, "meta": meta, "rng": rng}
+        if saved is not None:
+            rng.bit_generator.state = saved["rng"]
         if cfg.crop_size is None:
             entry.update(image=image, label=label, pad=np.zeros(3, np.int64), origins=np.zeros((1, 3), np.int64))
             return entry
@@ -265,8 +283,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         if label is not None:
             label, _ = pad_to(label, cfg.crop_size, 0)
         lo, _ = cfg.window.channel_bounds(meta, image.shape[0])
-        fg = foreground_points(image, lo) if cfg.pos_fraction > 0 else np.zeros((0, 3), np.int64)
-        origins = sample_origins(image.shape[1:], cfg.crop_size, fg, cfg.pos_fraction, cfg.crops_per_volume, rng)
+        if saved is not None:
+            origins = np.asarray(saved["origins"], dtype=np.int64).reshape(-1, 3)
+        else:
+            fg = foreground_points(image, lo) if cfg.pos_fraction > 0 else np.zeros((0, 3), np.int64)
+            origins = sample_origins(image.shape[1:], cfg.crop_size, fg, cfg.pos_fraction, cfg.crops_per_volume, rng)
         entry.update(image=image, label=label, pad=pad, origins=origins)
         return entry
 
@@ -288,8 +309,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             "origin": torch.from_numpy(o - entry["pad"]),  # in stored-volume voxels (negative: padding)
             "flip": torch.from_numpy(flips.copy()),
             "rot90": k,
-            "_epoch": entry["epoch"],
-            "_ordinal": entry["ordinal"],
         }
         if lab is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(lab))
@@ -297,57 +316,238 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        errors = _ErrorLog()
-        cfg = self.cfg
-        if cfg.mode == "train":
-            volumes = self._train_volumes(worker, workers, errors)
+        # a resumed loader's first batch comes from the worker that was next when it was saved; the
+        # DataLoader always asks its worker 0 first, so ids are rotated
+        worker = (wid + self.worker_offset) % workers
+        if self.cfg.mode == "train":
+            yield from self._train(worker, workers)
         else:
-            volumes = self._eval_volumes(worker, workers, errors)
-        k = 1 if cfg.crop_size is None else cfg.crops_per_volume
-        pool_size = cfg.pool_size if cfg.mode == "train" else 1
-        rng = np.random.default_rng([cfg.seed, self.rank, worker, 2])
-        pool: list[dict] = []
-        for vol in volumes:
-            pool.append(self._admit(vol, worker) | {"left": k})
-            while len(pool) >= pool_size:
-                yield from self._draw(pool, rng, k, worker, errors)
-        while pool:
-            yield from self._draw(pool, rng, k, worker, errors)
-        yield {"_sentinel": True, "_worker": worker, "_errors": errors.count, "_messages": list(errors.messages)}
+            yield from self._eval(worker, workers)
 
-    def _draw(self, pool, rng, k, worker, errors):
-        i = int(rng.integers(len(pool))) if self.cfg.mode == "train" else 0
-        entry = pool[i]
-        sample = self._crop(entry, k - entry["left"])
-        entry["left"] -= 1
-        if entry["left"] == 0:
-            pool.pop(i)
-        sample.update(_worker=worker, _errors=errors.count, _messages=list(errors.messages))
-        yield sample
+    def _eval(self, worker: int, workers: int):
+        errors = _ErrorLog()
+        for vol in self._eval_volumes(worker, workers, errors):
+            entry = self._admit(vol, worker)
+            for j in range(1 if self.cfg.crop_size is None else self.cfg.crops_per_volume):
+                yield self._crop(entry, j) | errors.tags(worker)
+        yield {"_sentinel": True, **errors.tags(worker)}
+
+    def _train(self, worker: int, workers: int):
+        """Crops of one training worker. After every crop the worker's whole state (volume sequence, shuffle
+        buffer, pool and every generator) travels with it as ``_state``, so that a checkpoint taken after any
+        batch resumes at exactly the next crop."""
+        cfg = self.cfg
+        saved = self.resume_states.get(worker) or {}
+        errors = _ErrorLog()
+        errors.restore(saved.get("errors"))
+        volumes = _TrainVolumes(self, worker, workers, errors, saved)
+        k = 1 if cfg.crop_size is None else cfg.crops_per_volume
+        rng = np.random.default_rng([cfg.seed, self.rank, worker, 2])
+        if saved.get("pool_rng"):
+            rng.bit_generator.state = saved["pool_rng"]
+        pool = self._restore_pool(saved.get("pool", []), worker, errors)
+        while True:
+            while len(pool) < cfg.pool_size:
+                vol, ident = volumes.next()
+                pool.append(self._admit(vol, worker) | {"left": k, "id": ident})
+            i = int(rng.integers(len(pool)))
+            entry = pool[i]
+            sample = self._crop(entry, k - entry["left"])
+            entry["left"] -= 1
+            if entry["left"] == 0:
+                pool.pop(i)
+            state = {**volumes.state(), "pool_rng": rng.bit_generator.state, "errors": errors.state(),
+                     "pool": [{"id": list(e["id"]), "epoch": e["epoch"], "ordinal": e["ordinal"], "left": e["left"],
+                               "origins": e["origins"].tolist(), "rng": e["rng"].bit_generator.state} for e in pool]}
+            yield sample | errors.tags(worker) | {"_state": state}
+
+    def _restore_pool(self, saved: list[dict], worker: int, errors) -> list[dict]:
+        """The decoded-volume pool of a saved worker: each volume re-read from its shard and re-admitted
+        with the origins and generator state it had."""
+        if not saved:
+            return []
+        raws = self._fetch([tuple(e["id"]) for e in saved])
+        pool = []
+        for e in saved:
+            raw = raws.get(tuple(e["id"]))
+            dec = self._decode(raw, errors) if raw is not None else None
+            if dec is None:
+                if raw is None:
+                    errors.add(f"{self.shard_name(e['id'][0])}: sample {e['id'][1]} of the resumed pool is no longer "
+                               "readable", shard=self.shard_name(e["id"][0]), kind="missing")
+                continue
+            entry = self._admit((e["epoch"], e["ordinal"], *dec), worker, saved=e)
+            pool.append(entry | {"left": int(e["left"]), "id": tuple(e["id"])})
+        return pool
+
+
+class _RawReader:
+    """The raw (undecoded) samples of one training slot: its infinite sequence of ``(shard, stride,
+    offset)`` parts, read in order, with a position (``part``, ``next`` tar ordinal) that a checkpoint
+    keeps. A shard that is missing, empty or unreadable is counted and, for the rest of the worker's
+    life, replaced by the next readable shard of the set (with the same stride and offset), so a slot
+    whose shards are gone still feeds its rank; when no shard is readable the reader raises naming each
+    shard's problem."""
+
+    def __init__(self, stream: ShardStream, parts: Iterator, errors, part: int = 0, next_: int = 0,
+                 bad: Sequence[int] = ()):
+        self.stream, self.parts, self.errors = stream, parts, errors
+        self.part, self.next = int(part), int(next_)
+        self.bad = set(int(b) for b in bad)
+        self._it = self._samples()
+
+    def position(self) -> dict:
+        return {"part": self.part, "next": self.next}
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def _readable(self, sid: int) -> int | None:
+        n = len(self.stream.shards)
+        for j in range(n):
+            cand = (sid + j) % n
+            if cand not in self.bad:
+                return cand
+        return None
+
+    def _samples(self) -> Iterator[dict]:
+        s = self.stream
+        for _ in range(self.part):  # parts are (shard, stride, offset) tuples: skipping them reads nothing
+            next(self.parts)
+        idle, limit = 0, 2 * len(s.shards) + 2
+        while True:
+            sid, stride, offset = next(self.parts)
+            got = 0
+            while True:
+                use = self._readable(sid)
+                if use is None:
+                    problems = "; ".join(self.errors.messages) or "?"
+                    raise RuntimeError(f"shards.stream: no readable sample in any of the {len(s.shards)} shards "
+                                       f"({problems}); check the set with `python -m medssl.shards verify DIR`")
+                count = s.shards[use][1]
+                seen = 0
+                for n, raw in s._shard_samples(use, self.errors, start=self.next):
+                    seen += 1
+                    if s.reads(n, count, stride, offset):
+                        self.next = n + 1
+                        got += 1
+                        yield raw
+                if seen or self.next:
+                    break
+                self.bad.add(use)  # nothing at all in it: read the next readable shard in its place
+            self.part += 1
+            self.next = 0
+            idle = 0 if got else idle + 1
+            if idle > limit * max(1, stride):
+                raise RuntimeError(f"shards.stream: rank {s.rank}: {idle} shard parts in a row gave no sample "
+                                   f"(last problems: {'; '.join(self.errors.messages) or '?'}); check the set "
+                                   "with `python -m medssl.shards verify DIR`")
+
+
+class _TrainVolumes:
+    """The decoded volumes of one training worker, epoch after epoch: ``worker_budget`` volumes per epoch
+    popped at random from a shuffle buffer of raw samples filled by a :class:`_RawReader`. Its state
+    (epoch, volumes taken, the buffer's samples and generator, the reader's position) is small and
+    JSON-able; a worker built from it continues with the very same volumes."""
+
+    def __init__(self, stream: ShardStream, worker: int, workers: int, errors, saved: dict):
+        self.stream, self.worker, self.workers, self.errors = stream, worker, workers, errors
+        self.budget = stream.worker_budget(worker, workers)
+        if self.budget < 1:  # cannot happen with worker_budget's floor; never loop without yielding
+            raise RuntimeError(f"shards.stream: rank {stream.rank} worker {worker} has no volume to read")
+        self.epoch = int(saved.get("epoch", 0))
+        self.ordinal = int(saved.get("ordinal", 0))
+        self.damaged = int(saved.get("damaged", 0))
+        # a worker that meets nothing but damaged samples raises instead of searching forever
+        self.limit = max(2 * stream.total, 16)
+        self._open(saved)
+
+    def _open(self, saved: dict) -> None:
+        s, cfg = self.stream, self.stream.cfg
+        self.rng = np.random.default_rng([cfg.seed, s.rank, self.worker, self.epoch, 1])
+        if saved.get("buffer_rng"):
+            self.rng.bit_generator.state = saved["buffer_rng"]
+        pos = saved.get("raw") or {}
+        self.reader = _RawReader(s, s.train_shards(self.epoch, self.worker, self.workers), self.errors,
+                                 pos.get("part", 0), pos.get("next", 0), saved.get("bad", ()))
+        ids = [tuple(i) for i in saved.get("buffer", [])]
+        fetched = s._fetch(ids) if ids else {}
+        self.buf = [fetched[i] for i in ids if i in fetched]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "ordinal": self.ordinal, "damaged": self.damaged,
+                "buffer_rng": self.rng.bit_generator.state, "raw": self.reader.position(),
+                "bad": sorted(self.reader.bad), "buffer": [[r["__shard__"], r["__ordinal__"]] for r in self.buf]}
+
+    def next(self) -> tuple[tuple, tuple[int, int]]:
+        """The next decoded volume ``(epoch, ordinal, image, label, meta)`` and its ``(shard, ordinal)``."""
+        s = self.stream
+        while True:
+            if self.ordinal >= self.budget:
+                self.epoch, self.ordinal = self.epoch + 1, 0
+                self._open({"bad": sorted(self.reader.bad)})
+            while len(self.buf) < s.cfg.shuffle_buffer:
+                self.buf.append(next(self.reader))
+            raw = self.buf.pop(int(self.rng.integers(len(self.buf))))
+            dec = s._decode(raw, self.errors)
+            if dec is None:
+                self.damaged += 1
+                if self.damaged >= self.limit:
+                    raise RuntimeError(
+                        f"shards.stream: rank {s.rank} worker {self.worker}: the last {self.damaged} samples were "
+                        f"all damaged (last: {self.errors.messages[-1] if self.errors.messages else '?'}); check "
+                        f"the shard set with `python -m medssl.shards verify DIR`")
+                continue  # damaged: the budget is filled from the next sample
+            self.damaged = 0
+            vol = (self.epoch, self.ordinal, *dec)
+            self.ordinal += 1
+            return vol, (raw["__shard__"], raw["__ordinal__"])
 
 
 class _ErrorLog:
-    """Per-worker count of skipped (damaged) samples and the latest messages, also printed to stderr."""
+    """Per-worker count of skipped data — damaged samples, and missing, empty, unreadable or truncated
+    shards — per shard and kind, with the latest messages (also printed to stderr)."""
 
-    def __init__(self, keep: int = 5):
+    def __init__(self, keep: int = 5, echo: bool = True):
         self.count = 0
         self.messages: deque = deque(maxlen=keep)
+        self.by_shard: dict[str, dict[str, int]] = {}
+        self.echo = echo
 
-    def add(self, message: str) -> None:
+    def add(self, message: str, shard: str | None = None, kind: str = "damaged") -> None:
         self.count += 1
         self.messages.append(message)
-        print(f"shards.stream: skipped damaged data: {message}", file=sys.stderr, flush=True)
+        if shard is not None:
+            kinds = self.by_shard.setdefault(shard, {})
+            kinds[kind] = kinds.get(kind, 0) + 1
+        if self.echo:
+            print(f"shards.stream: skipped {kind} data: {message}", file=sys.stderr, flush=True)
+
+    def state(self) -> dict:
+        return {"count": self.count, "by_shard": {k: dict(v) for k, v in self.by_shard.items()}}
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self.count = int(state.get("count", 0))
+            self.by_shard = {k: dict(v) for k, v in state.get("by_shard", {}).items()}
+
+    def tags(self, worker: int) -> dict:
+        """What every sample carries to the main process: the worker and its error record so far."""
+        return {"_worker": worker, "_errors": self.count, "_messages": list(self.messages),
+                "_by_shard": {k: dict(v) for k, v in self.by_shard.items()}}
 
 
 def _collate(samples: list[dict]) -> dict:
-    """Stack crops into ``[B, C, X, Y, Z]``; carry the worker's error count and cursor alongside."""
+    """Stack crops into ``[B, C, X, Y, Z]``; carry the worker's error record and resume state alongside."""
     real = [s for s in samples if not s.get("_sentinel")]
     last = samples[-1]
     batch: dict = {"_worker": last["_worker"], "_errors": max(s["_errors"] for s in samples),
-                   "_messages": last["_messages"]}
+                   "_messages": last["_messages"], "_by_shard": last["_by_shard"]}
+    if "_state" in last:
+        batch["_state"] = last["_state"]
     if not real:
         return batch
     # default_collate stacks straight into shared memory inside a worker: no extra copy on the way out
@@ -359,25 +559,61 @@ def _collate(samples: list[dict]) -> dict:
     batch["origin"] = stack([s["origin"] for s in real])
     batch["flip"] = stack([s["flip"] for s in real])
     batch["rot90"] = torch.tensor([s["rot90"] for s in real])
-    batch["_cursor"] = max((s["_epoch"], s["_ordinal"]) for s in real)
     return batch
+
+
+STATE_VERSION = 2
+
+
+def check_state(state) -> None:
+    """Raise ``ValueError`` with the reason when ``state`` is not a stream state this version can use
+    (checkpoint side files are read as untrusted: a damaged one means an older checkpoint)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"stream state is a {type(state).__name__}, not an object")
+    if state.get("version") not in (1, STATE_VERSION):
+        raise ValueError(f"stream state version {state.get('version')!r} is not 1 or {STATE_VERSION}")
+    for key, kind in (("mode", str), ("rank", int), ("world_size", int), ("num_workers", int)):
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"stream state field {key!r} is missing or not a {kind.__name__}")
+    workers = state.get("workers" if state["version"] == 2 else "cursors", {})
+    if not isinstance(workers, dict):
+        raise ValueError("stream state: its workers are not an object")
+    for w, st in workers.items():
+        if not (isinstance(w, str) and w.isdigit() and isinstance(st, dict)):
+            raise ValueError(f"stream state: worker entry {w!r} is malformed")
+        if state["version"] == 2:
+            for key in ("epoch", "ordinal"):
+                if not isinstance(st.get(key), int) or st[key] < 0:
+                    raise ValueError(f"stream state: worker {w} field {key!r} is not a count")
+            for e in st.get("pool", []):
+                if not (isinstance(e, dict) and isinstance(e.get("id"), list) and len(e["id"]) == 2
+                        and isinstance(e.get("left"), int) and isinstance(e.get("rng"), dict)):
+                    raise ValueError(f"stream state: worker {w} has a malformed pool entry")
 
 
 class ShardLoader:
     """Iterable over batches (dicts with ``image`` ``[B, C, X, Y, Z]`` float32, ``label`` ``[B, 1, X, Y, Z]``
-    uint8 when present, ``key``, ``origin``, ``flip``, ``rot90``), with a resumable cursor and error counts."""
+    uint8 when present, ``key``, ``origin``, ``flip``, ``rot90``), with a resume state and error counts."""
 
     def __init__(self, dataset: ShardStream):
         self.dataset = dataset
         self.cfg = dataset.cfg
         self._errors: dict[int, int] = {}
+        self._by_shard: dict[int, dict] = {}
         self._messages: deque = deque(maxlen=10)
-        self._cursors: dict[int, tuple[int, int]] = {}
+        self._states: dict[int, dict] = {}
+        self._batches = 0
 
     @property
     def errors(self) -> int:
-        """Damaged samples skipped so far (all workers of this rank)."""
+        """Damaged samples and unreadable shards met so far (all workers of this rank)."""
         return sum(self._errors.values())
+
+    @property
+    def errors_by_shard(self) -> dict[str, dict[str, int]]:
+        """``{shard: {kind: count}}`` over this rank's workers (kinds: damaged, missing, empty, unreadable,
+        truncated)."""
+        return merge_error_counts(self._by_shard.values())
 
     @property
     def error_messages(self) -> list[str]:
@@ -391,34 +627,63 @@ class ShardLoader:
         workers = max(1, self.cfg.num_workers)
         return sum(hi - lo for lo, hi in (self.dataset.eval_range(w, workers) for w in range(workers)))
 
+    def _fingerprint(self) -> dict:
+        c = self.cfg
+        return {"shards": [[Path(p).name, n] for p, n in self.dataset.shards], "crop_size": list(c.crop_size or []),
+                "crops_per_volume": c.crops_per_volume, "pool_size": c.pool_size, "shuffle_buffer": c.shuffle_buffer,
+                "samples_per_epoch": c.samples_per_epoch, "batch_size": c.batch_size}
+
     def state_dict(self) -> dict:
+        """A JSON-able state: every worker's full state after the last batch delivered, and how many batches
+        were delivered (which worker is next)."""
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "mode": self.cfg.mode,
             "seed": self.cfg.seed,
             "rank": self.dataset.rank,
             "world_size": self.dataset.world,
             "num_workers": self.cfg.num_workers,
-            "cursors": {str(w): {"epoch": e, "next": o + 1} for w, (e, o) in sorted(self._cursors.items())},
+            "fingerprint": self._fingerprint(),
+            "batches": self._batches,
+            "workers": {str(w): st for w, st in sorted(self._states.items())},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        same = (state.get("world_size"), state.get("num_workers"), state.get("seed")) == (
-            self.dataset.world, self.cfg.num_workers, self.cfg.seed)
-        cursors = {int(w): c for w, c in state.get("cursors", {}).items()}
-        if not same and cursors:
-            # another topology: volumes cannot be matched slot for slot; restart at the next epoch
-            epoch = max(c["epoch"] for c in cursors.values()) + 1
-            print(f"shards.stream: resuming with another world size/workers/seed; starting at epoch {epoch}",
-                  file=sys.stderr)
-            cursors = {w: {"epoch": epoch, "next": 0} for w in range(max(1, self.cfg.num_workers))}
-        self.dataset.cursors = cursors
-        self._cursors = {w: (c["epoch"], c["next"] - 1) for w, c in cursors.items()}
+        """Continue at the crop after the last one delivered before ``state_dict()``. A state from another
+        world size, worker count, seed, shard set or crop settings cannot be matched slot for slot: the
+        stream then starts the epoch after the saved one, and says so."""
+        check_state(state)
+        workers = {int(w): st for w, st in state.get("workers", state.get("cursors", {})).items()}
+        same = (state.get("version") == STATE_VERSION
+                and (state.get("world_size"), state.get("num_workers"), state.get("seed"), state.get("fingerprint"))
+                == (self.dataset.world, self.cfg.num_workers, self.cfg.seed, self._fingerprint()))
+        if not same and workers:
+            epoch = max(int(st.get("epoch", 0)) for st in workers.values()) + 1
+            what = [f"{k} {state.get(k)} -> {now}" for k, now in (
+                ("world_size", self.dataset.world), ("num_workers", self.cfg.num_workers), ("seed", self.cfg.seed))
+                if state.get(k) != now]
+            if state.get("version") != STATE_VERSION:
+                what.append(f"saved by an older medssl (stream state version {state.get('version')})")
+            elif state.get("fingerprint") != self._fingerprint():
+                what.append("shard set or crop settings changed")
+            if self.dataset.rank == 0:
+                print(f"shards.stream: resuming with another {', '.join(what) or 'layout'}: the saved stream position "
+                      f"cannot be matched slot for slot; starting at epoch {epoch}", file=sys.stderr, flush=True)
+            self._states = {w: {"epoch": epoch} for w in range(max(1, self.cfg.num_workers))}
+            self._batches = 0
+        else:
+            self._states = workers
+            self._batches = int(state.get("batches", 0))
+        for w, st in self._states.items():
+            err = st.get("errors") or {}
+            self._errors[w] = int(err.get("count", 0))
+            self._by_shard[w] = err.get("by_shard", {})
 
     def __iter__(self):
         cfg = self.cfg
         if cfg.mode == "train":  # a new iteration continues where the last one stopped
-            self.dataset.cursors = {w: {"epoch": e, "next": o + 1} for w, (e, o) in self._cursors.items()}
+            self.dataset.resume_states = dict(self._states)
+            self.dataset.worker_offset = self._batches % max(1, cfg.num_workers)
         dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
@@ -427,17 +692,33 @@ class ShardLoader:
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
             persistent_workers=False,
             timeout=cfg.timeout if cfg.num_workers else 0,
+            # the worker seeds come from this generator, not from torch's global one: making a loader
+            # never changes the random draws of the training loop (exact resume)
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         for batch in _bounded(dl, cfg.timeout, self.dataset.rank):
             w = batch.pop("_worker")
             self._errors[w] = batch.pop("_errors")
+            self._by_shard[w] = batch.pop("_by_shard")
             for m in batch.pop("_messages"):
                 if m not in self._messages:
                     self._messages.append(m)
-            if "_cursor" in batch:
-                self._cursors[w] = batch.pop("_cursor")
+            if "_state" in batch:
+                self._states[w] = batch.pop("_state")
             if "image" in batch:
+                self._batches += 1
                 yield batch
+
+
+def merge_error_counts(records) -> dict[str, dict[str, int]]:
+    """Sum ``{shard: {kind: count}}`` records (of workers, or of ranks)."""
+    out: dict[str, dict[str, int]] = {}
+    for rec in records:
+        for shard, kinds in (rec or {}).items():
+            dst = out.setdefault(shard, {})
+            for kind, n in kinds.items():
+                dst[kind] = dst.get(kind, 0) + int(n)
+    return dict(sorted(out.items()))
 
 
 def _bounded(dl, timeout: float, rank: int):

@@ -158,7 +158,7 @@ def _fake_tag(ckpt: Path, tag: str) -> None:
     (ckpt / tag).mkdir(parents=True)
     (ckpt / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
     (ckpt / tag / "loader_rank0.json").write_text("{}")
-    (ckpt / tag / "complete.json").write_text(json.dumps({"step": 1, "samples": 1}))
+    (ckpt / tag / "complete.json").write_text(json.dumps({"step": int(tag[4:]), "samples": 1}))
 
 
 def test_point1_mismatched_checkpoint_is_not_damaged(tmp_path):
