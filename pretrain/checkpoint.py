@@ -140,6 +140,24 @@ def _inventory(folder: Path) -> dict:
     return files
 
 
+def _space_problem(ckpt_dir: Path) -> str | None:
+    """Why the next checkpoint will not fit (free space below the size of the newest one), or None."""
+    newest = complete_tags(ckpt_dir)
+    try:
+        need = sum(int(f["bytes"]) for f in read_complete(ckpt_dir / newest[0])["files"].values()) if newest else 0
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not need:
+        return None
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        return None
+    if need and free < 1.05 * need:
+        return f"{free / 1e9:.2f} GB free, the last checkpoint took {need / 1e9:.2f} GB"
+    return None
+
+
 def save(eng, ckpt_dir: Path, step: int, samples: int, loader_state: dict, rank: int, keep_last: int,
          config: dict | None = None, world: int | None = None, extra=None, log=None) -> bool:
     """Save and publish the checkpoint of ``step`` (call on every rank); True when it was published.
@@ -155,15 +173,21 @@ def save(eng, ckpt_dir: Path, step: int, samples: int, loader_state: dict, rank:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob(".tmp-step*"):  # a save killed before it was published
             shutil.rmtree(stale, ignore_errors=True)
-    engine.barrier()
-    problem = None
+    problem = _space_problem(ckpt_dir)
+    if any(engine.all_gather_object(problem)):  # not even started: DeepSpeed's collectives stay in step
+        problem = problem or "another rank's disk is full"
+    else:
+        problem = None
     try:
+        if problem:
+            raise OSError(28, problem)
         with engine.quiet():
             eng.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False,
                                 client_state={"step": step, "samples": samples, "config": config})
     except OSError as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-        engine.barrier()  # DeepSpeed's own closing barrier, which the other ranks are waiting in
+        if not problem:
+            engine.barrier()  # DeepSpeed's own closing barrier, which the other ranks are waiting in
+        problem = problem or f"{type(exc).__name__}: {exc}"
     if problem is None:
         try:
             _write_json(tmp / f"loader_rank{rank}.json", loader_state)

@@ -105,11 +105,26 @@ def init_distributed(timeout: float | None = None) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
+    backend = "nccl" if cuda else "gloo"
+    kw = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _join_agent_store(backend, kw.get("timeout", datetime.timedelta(minutes=30)))
     with quiet():
-        kw = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **kw)
+        deepspeed.init_distributed(dist_backend=backend, **kw)  # joins the group above when there is one
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def _join_agent_store(backend: str, timeout: datetime.timedelta) -> None:
+    """Under torchrun the store is the agent's and outlives a restart (``--max-restarts``): the keys of the
+    failed attempt (the dead ranks' addresses) would be read again and the new ranks would wait for ever to
+    connect to them. Each attempt gets its own key prefix."""
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"medssl/attempt{attempt}/", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def precision(cfg: RunConfig, device: torch.device) -> str:
