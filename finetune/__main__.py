@@ -59,15 +59,18 @@ def _predict_main(argv) -> int:
     p.add_argument("--out", required=True, help="folder for <case>.nii.gz label maps (each in its image's geometry)")
     p.add_argument("--tta", default="no", choices=["no"], help="test-time augmentation (not offered yet)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="predict even if the run's weights hold NaN/inf (refused by default)")
     a = p.parse_args(argv)
+    from medssl.pretrain.manifest import ExportError
     from medssl.shards.errors import InputError
 
     from .predict import PredictError, predict_run
 
     try:
-        for line in predict_run(a.run, a.images, a.out, device=a.device):
+        for line in predict_run(a.run, a.images, a.out, device=a.device, allow_nonfinite=a.allow_nonfinite):
             print(line, flush=True)
-    except (PredictError, InputError) as exc:
+    except (PredictError, InputError, ExportError) as exc:
         if os.environ.get("MEDSSL_TRACEBACK"):
             raise
         print(f"error: {exc}", file=sys.stderr)
@@ -119,6 +122,9 @@ def main(argv=None) -> int:
     from medssl.shards.errors import InputError
 
     try:
+        from .loading import check_export
+
+        check_export(cfg, log=lambda *a: None)  # a refused export leaves --out untouched (nothing made or moved)
         from .train import finetune
 
         finetune(cfg, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)

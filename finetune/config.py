@@ -28,6 +28,7 @@ class FTModelConfig:
     freeze_encoder: bool = False  # linear-probe style: only the decoder learns
     layer_decay: float = 1.0  # layer-wise lr decay of the encoder (1 = off; BEiT/MAE fine-tuning use 0.65-0.75)
     in_channels: int | None = None  # None: the data's channels (the stem is adapted when it differs)
+    allow_nonfinite: bool = False  # load an export whose weights hold NaN/inf (refused by default: a diverged run)
 
 
 @dataclass

@@ -189,14 +189,18 @@ def prepare_case(src: CaseSource, pre: Preprocessing, declared: dict[int, str], 
 
 def _read_shard_samples(root: str, keys: list[str]) -> dict:
     """Decode the samples ``keys`` of a shard set in one pass over its shards."""
-    from medssl.shards.format import decode_sample
+    from medssl.shards.format import CorruptSample, decode_sample
     from medssl.shards.verify import iter_tar, load_index
 
     wanted, found = set(keys), {}
     for shard in load_index(root)["shards"]:
         for sample in iter_tar(Path(root) / shard["name"], on_error=lambda msg: None):
             if sample.get("__key__") in wanted:
-                found[sample["__key__"]] = decode_sample(sample)
+                try:
+                    found[sample["__key__"]] = decode_sample(sample)
+                except CorruptSample as exc:
+                    raise InputError(f"{root}/{shard['name']}:{sample['__key__']}", f"damaged sample ({exc})",
+                                     "run python -m medssl.shards verify on the set and rebuild it") from None
         if len(found) == len(wanted):
             break
     for key in wanted - set(found):

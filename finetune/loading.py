@@ -4,7 +4,10 @@
 
 * a medssl export folder (``manifest.json`` + ``backbone.safetensors``; also what
   ``python -m medssl.pretrain import …`` writes for official checkpoints): the backbone is rebuilt from the
-  manifest and every one of its keys must load (sha256 and format version checked first);
+  manifest and every one of its keys must load. The export is untrusted input: every manifest field is checked
+  (``pretrain/manifest.py``), the weights' sha256 and safetensors header before any tensor is read, and weights
+  holding NaN/inf are refused unless ``model.allow_nonfinite=true``. :func:`check_export` runs these checks
+  before the command touches the run folder;
 * a checkpoint file (``.safetensors``, or ``.pt``/``.pth`` read with ``torch.load(weights_only=True)``)
   of MONAI's SwinUNETR or UNETR self-supervised weights: the MONAI network is built and its encoder
   loaded through the named key adapters of :mod:`finetune.adapters`.
@@ -29,8 +32,39 @@ def _report(source: str, loaded, new, dropped=(), notes=()):
     return LoadReport(source=source, loaded=sorted(loaded), new=sorted(new), dropped=sorted(dropped), notes=list(notes))
 
 
+NONFINITE_FLAG = "model.allow_nonfinite=true"  # the fine-tuning override that lets NaN/inf weights load
+
+
+def check_export(cfg, log=print) -> dict | None:
+    """Everything about an export folder that can refuse a run, checked before the run folder is touched: the
+    manifest field by field, and for a pretrained run the weights :func:`build` will load (sha256, header against
+    the network, NaN/inf). Returns the manifest (None for a checkpoint file or no export)."""
+    from medssl.pretrain.export import MANIFEST_FILE, load_state, load_weights
+    from medssl.pretrain.manifest import read
+
+    export = Path(cfg.export) if cfg.export else None
+    if export is None or export.is_file():
+        return None
+    manifest, metas = read(export)
+    if cfg.init != "pretrained":
+        return manifest
+    shapes = {k: tuple(v.shape) for k, v in metas["backbone"].state_dict().items()}
+    load_state(export, manifest, cfg.model.allow_nonfinite, shapes, NONFINITE_FLAG, log=log)
+    component = (manifest.get("components") or {}).get("decoder")
+    if component and cfg.model.arch in ("auto", "pretrained"):
+        meta = metas["components"]["decoder"]
+        load_weights(export / component["file"], component["sha256"], export / MANIFEST_FILE,
+                     {k: tuple(v.shape) for k, v in meta.state_dict().items()}, cfg.model.allow_nonfinite,
+                     NONFINITE_FLAG, skip=(component.get("head", "head."),), log=log)
+    return manifest
+
+
 def build(cfg, in_channels: int, out_channels: int, log=print):
-    """(model, report, manifest | None, arch). Every failure to load names the file and the fix."""
+    """(model, report, manifest | None, arch). Every failure to load names the file and the fix.
+
+    An export folder's manifest is checked field by field and the network it describes is sized on the meta
+    device before anything is allocated; the weights' header is checked against the built network before a
+    tensor is read, and weights holding NaN/inf are refused unless ``model.allow_nonfinite``."""
     from .models import SegmentationNet, make_decoder
 
     crop = tuple(int(c) for c in cfg.data.crop_size)
@@ -42,9 +76,9 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
         return _build_monai(cfg, export, in_channels, out_channels, crop, pretrained)
     manifest = None
     if export is not None:
-        from medssl.pretrain.export import read_manifest
+        from medssl.pretrain.manifest import read
 
-        manifest = read_manifest(export)
+        manifest, _ = read(export)
         name, kwargs = manifest["backbone"]["name"], dict(manifest["backbone"]["kwargs"])
     else:
         name, kwargs = cfg.model.backbone, {}
@@ -59,7 +93,16 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
         kwargs["img_size"] = list(crop)
     kwargs["in_chans"] = in_channels
     from medssl.pretrain.backbones import build_backbone
+    from medssl.pretrain.manifest import meta_backbone
 
+    # the crop and channels of this run are checked like the manifest's before the backbone is allocated
+    if export is not None:
+        meta_backbone(name, kwargs, str(export / "manifest.json"), "backbone.kwargs",
+                      fix="choose a data.crop_size / model.in_channels within these bounds")
+    else:
+        meta_backbone(name, kwargs, f"model.backbone={name}", "backbone.kwargs",
+                      fix="choose a registered backbone (python -m medssl.pretrain list) and a data.crop_size / "
+                          "model.in_channels within these bounds")
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(name, **kwargs)
     torch.manual_seed(cfg.train.seed + 1)  # the decoder's init depends on the seed only, not on the backbone
@@ -85,9 +128,12 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
 
     loaded_decoder: list[str] = []
     if component:
-        loaded_decoder = _load_component(export, component, decoder, notes)
+        loaded_decoder = _load_component(export, component, decoder, notes, cfg.model.allow_nonfinite, log)
 
-    state = load_state(export, manifest)
+    # the header must fit this backbone as pretrained: the stem with the channels it was trained on
+    expect = {k: (shape[:1] + (trained_chans,) + shape[2:] if k.endswith(STEM_KEYS) else shape)
+              for k, shape in ((k, tuple(t.shape)) for k, t in backbone.state_dict().items())}
+    state = load_state(export, manifest, cfg.model.allow_nonfinite, expect, NONFINITE_FLAG, log=log)
     if in_channels != trained_chans:
         for key in [k for k in state if k.endswith(STEM_KEYS)]:
             state[key] = adapt_in_channels(state[key], in_channels)
@@ -101,23 +147,16 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
     return model, _report(str(export), bb_keys + loaded_decoder, new, notes=notes), manifest, arch
 
 
-def _load_component(export: Path, component: dict, module: torch.nn.Module, notes: list) -> list[str]:
-    """Load a pretrained decoder: every key but its class head (re-initialised for the new classes) must fit."""
-    from safetensors.torch import load_file
+def _load_component(export: Path, component: dict, module: torch.nn.Module, notes: list,
+                    allow_nonfinite: bool = False, log=print) -> list[str]:
+    """Load a pretrained decoder: every key but its class head (re-initialised for the new classes) must fit;
+    checked like the backbone (sha256, header before loading, NaN/inf)."""
+    from medssl.pretrain.export import MANIFEST_FILE, load_weights
 
-    from medssl.pretrain.export import diff_report, format_report
-    from medssl.shards.verify import sha256_file
-
-    path = export / component["file"]
-    if not path.exists() or sha256_file(path) != component["sha256"]:
-        raise ExportError(f"{path}: missing, or its sha256 differs from {export / 'manifest.json'} (re-export the run)")
     head = component.get("head", "head.")
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(head)}
-    missing, unexpected, shaped = diff_report(module, state)
-    missing = [k for k in missing if not k.startswith(head)]
-    if missing or unexpected or shaped:
-        raise ExportError(f"{path}: the decoder weights do not fit {component['registry']}:\n"
-                          f"{format_report(missing, unexpected, shaped)}")
+    expect = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    state = load_weights(export / component["file"], component["sha256"], export / MANIFEST_FILE, expect,
+                         allow_nonfinite, NONFINITE_FLAG, skip=(head,), log=log)
     module.load_state_dict(state, strict=False)  # every key but the head checked above
     notes.append(f"pretrained decoder {component['registry']} loaded ({len(state)} tensors); class head "
                  f"{head}* re-initialised for {module.out_channels if hasattr(module, 'out_channels') else '?'} classes")

@@ -4,7 +4,9 @@ Everything comes from the run folder: ``network.json`` (also in the metadata of 
 names the backbone and its kwargs, the decoder, the channels and classes, the crop size and sliding window,
 and the preprocessing (RAS, spacing, intensity window, modality). Each image is prepared as in training,
 predicted with the same sliding window (:func:`finetune.evaluate.predict_probs`), and its label map is
-written with the image's own shape and affine. Every input is checked before anything is written.
+written with the image's own shape and affine. Every input is checked before anything is written, the run
+folder included: ``network.json`` field by field (:data:`SPEC`), the network sized on the meta device before
+it is built, the weights' header against it before a tensor is read, NaN/inf weights refused.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from medssl.pretrain.manifest import (MAX_CHANNELS, MAX_MANIFEST_BYTES, MAX_SIDE, NAME_RE, Field, check_fields, load_json,
+                                      parse_spacing)
+
 NIFTI = (".nii", ".nii.gz")
 
 
@@ -24,26 +29,79 @@ class PredictError(ValueError):
     """Bad input to ``finetune predict``: the message names the file and the fix."""
 
 
-def read_spec(run: Path) -> dict:
+# network.json (or the weights' metadata) is untrusted like an export's manifest: every field predict reads is
+# checked against this table (pretrain/manifest.py's Field rules) before anything is built.
+SPEC_FIX = "fine-tune again to remake the run folder (or restore its original network.json)"
+SPEC: dict[str, Field] = {
+    "format": Field("int", lo=1, hi=1),
+    "backbone": Field("dict"),
+    "backbone.name": Field("str", pattern=NAME_RE),
+    "backbone.kwargs": Field("dict", null=True),
+    "decoder": Field("dict"),
+    "decoder.arch": Field("str", pattern=NAME_RE),
+    "decoder.component": Field("dict", required=False, null=True),
+    "decoder.component.registry": Field("str", pattern=NAME_RE),
+    "decoder.component.kwargs": Field("dict"),
+    "decoder.kwargs": Field("dict"),
+    "decoder.kwargs.feature_size": Field("int", lo=1, hi=512),
+    "decoder.kwargs.norm": Field("str", pattern=NAME_RE),
+    "decoder.kwargs.res_block": Field("bool"),
+    "in_channels": Field("int", lo=1, hi=MAX_CHANNELS),
+    "out_channels": Field("int", lo=1, hi=1024),
+    "classes": Field("dict"),
+    "crop_size": Field("list", length=(3, 3), items=Field("int", lo=1, hi=MAX_SIDE)),
+    "preprocessing": Field("dict"),
+    "preprocessing.spacing": Field("spacing", null=True, gt=0.0, hi=100.0),
+    "preprocessing.window_ct": Field("window", lo=-1e5, hi=1e5),
+    "preprocessing.window_out": Field("window", lo=-1e4, hi=1e4),
+    "modality": Field("str", hi=32, required=False, null=True),
+    "eval": Field("dict"),
+    "eval.overlap": Field("number", lo=0.0, hi=0.99),
+    "eval.sw_batch": Field("int", lo=1, hi=1024),
+    "eval.mode": Field("str", choices=("constant", "gaussian")),
+}
+
+
+def read_spec(run: Path) -> tuple[dict, str]:
+    """The run's network description, every field checked (:data:`SPEC`), and where it was read from."""
     from safetensors import safe_open
 
     weights = run / "model_best.safetensors"
     if not weights.exists():
         raise PredictError(f"{weights} not found: {run} is not a fine-tuning run folder (or its training has not "
                            "validated yet); pass the --out folder of a fine-tuning run")
-    with safe_open(str(weights), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: not a safetensors file
+        raise PredictError(f"{weights} is not a safetensors file ({' '.join(str(exc).split())[:200]}); "
+                           f"{SPEC_FIX}") from None
     if "network" in meta:
-        return json.loads(meta["network"])
-    if (run / "network.json").exists():
-        return json.loads((run / "network.json").read_text())
-    raise PredictError(f"{weights} carries no network description and {run / 'network.json'} is missing (a run "
-                       "made by an older medssl); fine-tune again to predict with it")
+        where = f"{weights} (metadata 'network')"
+        if len(meta["network"]) > MAX_MANIFEST_BYTES:
+            raise PredictError(f"{where}: {len(meta['network'])} characters, over {MAX_MANIFEST_BYTES}; {SPEC_FIX}")
+        try:
+            spec = json.loads(meta["network"])
+        except (ValueError, RecursionError) as exc:
+            raise PredictError(f"{where}: not JSON ({type(exc).__name__}: {str(exc)[:200]}); {SPEC_FIX}") from None
+        if not isinstance(spec, dict):
+            raise PredictError(f"{where}: holds a JSON {type(spec).__name__}, not an object; {SPEC_FIX}")
+    elif (run / "network.json").exists():
+        where = str(run / "network.json")
+        spec = load_json(run / "network.json", "network description", SPEC_FIX, PredictError)
+    else:
+        raise PredictError(f"{weights} carries no network description and {run / 'network.json'} is missing (a run "
+                           "made by an older medssl); fine-tune again to predict with it")
+    check_fields(spec, SPEC, where, SPEC_FIX, error=PredictError)
+    return spec, where
 
 
-def build_network(spec: dict) -> torch.nn.Module:
-    """The fine-tuned network, from its description alone (weights not loaded)."""
+def build_network(spec: dict, where: str = "network.json") -> torch.nn.Module:
+    """The fine-tuned network, from its description alone (weights not loaded). The description is checked
+    first: the backbone's and the pretrained decoder's kwargs against their bounds, then the whole network is
+    built on the meta device and sized, so nothing is allocated for a description that would not fit."""
     from medssl.pretrain.backbones import build_backbone
+    from medssl.pretrain.manifest import MAX_PARAMETERS, meta_backbone, meta_decoder
 
     from .models import SegmentationNet, make_decoder
 
@@ -51,17 +109,35 @@ def build_network(spec: dict) -> torch.nn.Module:
     if bb.get("kwargs") is None:
         raise PredictError(f"the run's network ({bb['name']}) was built from a MONAI checkpoint; predict rebuilds "
                            "medssl exports only")
-    backbone = build_backbone(bb["name"], **bb["kwargs"])
+    meta_backbone(bb["name"], bb["kwargs"], where, "backbone.kwargs", SPEC_FIX, PredictError)
     dec = spec["decoder"]
     if dec.get("component"):
-        from medssl.pretrain.registry import DECODERS
-
         comp = dec["component"]
-        decoder = DECODERS.build(comp["registry"], **{**comp["kwargs"], "out_channels": spec["out_channels"]})
-        return SegmentationNet(backbone, decoder, takes_image=False)
-    cfg = SimpleNamespace(model=SimpleNamespace(**dec["kwargs"]))
-    _, decoder = make_decoder(backbone, dec["arch"], spec["in_channels"], spec["out_channels"], cfg)
-    return SegmentationNet(backbone, decoder)
+        meta_decoder(comp["registry"], {**comp["kwargs"], "out_channels": spec["out_channels"]}, where,
+                     "decoder.component.kwargs", SPEC_FIX, PredictError)
+
+    def make() -> torch.nn.Module:
+        backbone = build_backbone(bb["name"], **bb["kwargs"])
+        if dec.get("component"):
+            from medssl.pretrain.registry import DECODERS
+
+            comp = dec["component"]
+            decoder = DECODERS.build(comp["registry"], **{**comp["kwargs"], "out_channels": spec["out_channels"]})
+            return SegmentationNet(backbone, decoder, takes_image=False)
+        cfg = SimpleNamespace(model=SimpleNamespace(**dec["kwargs"]))
+        _, decoder = make_decoder(backbone, dec["arch"], spec["in_channels"], spec["out_channels"], cfg)
+        return SegmentationNet(backbone, decoder)
+
+    try:
+        with torch.device("meta"):
+            size = sum(t.numel() for t in make().state_dict().values())
+    except (ValueError, TypeError, KeyError, IndexError, AssertionError, RuntimeError) as exc:
+        raise PredictError(f"{where}: the network it describes does not build ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:200]}); {SPEC_FIX}") from None
+    if size > MAX_PARAMETERS:
+        raise PredictError(f"{where}: the network it describes has {size:,} parameters, over {MAX_PARAMETERS:,}; "
+                           f"{SPEC_FIX}")
+    return make()
 
 
 def find_images(images: str | Path, in_channels: int) -> dict[str, list[str]]:
@@ -100,27 +176,32 @@ def find_images(images: str | Path, in_channels: int) -> dict[str, list[str]]:
     return cases
 
 
-def predict_run(run: str | Path, images: str | Path, out: str | Path, device: str | None = None):
-    """Predict every image; yields one line per written file."""
-    from safetensors.torch import load_file
-
+def predict_run(run: str | Path, images: str | Path, out: str | Path, device: str | None = None,
+                allow_nonfinite: bool = False):
+    """Predict every image; yields one line per written file. The run's description and weights are checked
+    before anything is written: the weights' header against the network, and NaN/inf refused unless
+    ``allow_nonfinite``."""
+    from medssl.pretrain.export import load_weights
     from medssl.shards.crops import Window
     from medssl.shards.preprocess import prepare_volume
 
     from .evaluate import predict_probs, resample_to_original, write_nifti
 
     run, out = Path(run), Path(out)
-    spec = read_spec(run)
+    spec, where = read_spec(run)
     cases = find_images(images, int(spec["in_channels"]))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_network(spec)
-    model.load_state_dict(load_file(str(run / "model_best.safetensors")), strict=True)
+    model = build_network(spec, where)
+    expect = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = load_weights(run / "model_best.safetensors", None, where, expect, allow_nonfinite,
+                         "--allow-nonfinite", fix=SPEC_FIX, redo="fine-tune again (e.g. with a lower optim.lr)")
+    model.load_state_dict(state, strict=True)
     model.to(dev).eval()
     pre = spec["preprocessing"]
     window = Window(ct=tuple(pre["window_ct"]), out=tuple(pre["window_out"]))
     cfg = SimpleNamespace(data=SimpleNamespace(crop_size=spec["crop_size"]), eval=SimpleNamespace(**spec["eval"]))
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    spacing = tuple(pre["spacing"]) if pre.get("spacing") else None
+    spacing = parse_spacing(pre.get("spacing"))  # checked by read_spec: None, a number, three or a string
     for key, chans in sorted(cases.items()):
         prep = prepare_volume(chans, None, spec.get("modality"), target_spacing=spacing)
         probs = predict_probs(model, window.apply(prep.image, prep.meta), cfg, dev, autocast)

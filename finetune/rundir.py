@@ -85,6 +85,12 @@ def plan(cfg, resume: str = "auto", overwrite: bool = False) -> dict:
         raise RunDirError(f"{run} holds {', '.join(items)} but no config.yaml, so it cannot be continued; pass a new "
                           "--out, or --resume none --overwrite to move it aside")
     old = yaml.safe_load(cfg_path.read_text()) or {}
+    try:  # keys this version added read as their defaults, so an older run still continues
+        from .config import config_from_dict
+
+        old = config_from_dict(old).to_dict()
+    except (ValueError, KeyError, TypeError):
+        pass  # a key this version does not know: compare as written
     diff = config_diff(old, cfg.to_dict())
     if diff:
         lines = "\n".join(f"  {k}: {a!r} (run) -> {b!r} (now)" for k, a, b in diff)

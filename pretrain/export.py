@@ -18,14 +18,12 @@ from torch import nn
 
 from medssl.shards.verify import sha256_file
 
-FORMAT_VERSION = 1
+from .manifest import FIX, FORMAT_VERSION, MANIFEST_FILE, ExportError  # noqa: F401 - the schema lives in manifest.py
+
 BACKBONE_FILE = "backbone.safetensors"
-MANIFEST_FILE = "manifest.json"
 STEM_KEYS = ("patch_embed.proj.weight", "stem.weight")  # first convolutions: [D, C, k, k, k], adapted to other C
-
-
-class ExportError(ValueError):
-    """An export that cannot be read or does not match its weights; names the file and the fix."""
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes an export's tensors may have (written as F32)
+NONFINITE_FLAG = "allow_nonfinite=True"  # how load_backbone's caller lets NaN/inf weights through
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
@@ -166,33 +164,119 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
 
 
 # --------------------------------------------------------------------------------------------- loading
+# An export is untrusted input: the manifest is checked field by field (pretrain/manifest.py) before anything is
+# built, and a weights file is checked in this order before a tensor is used: sha256 against the manifest, the
+# safetensors header (names, dtypes, shapes) against the network the manifest describes, then the values
+# (NaN/inf refused unless the caller allows them).
 def read_manifest(export_dir: str | Path) -> dict:
-    export_dir = Path(export_dir)
-    path = export_dir / MANIFEST_FILE
-    if not path.exists():
-        raise ExportError(f"{path} not found: an export folder holds manifest.json and {BACKBONE_FILE}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: export format version {manifest.get('format_version')!r}; this medssl reads "
-                          f"version {FORMAT_VERSION} (upgrade medssl or re-export)")
-    return manifest
+    """The export's manifest, every field checked (:func:`pretrain.manifest.validate`); raises :class:`ExportError`
+    naming the manifest, the field, its value and the fix."""
+    from .manifest import read
+
+    return read(export_dir)[0]
 
 
-def load_state(export_dir: str | Path, manifest: dict | None = None) -> dict[str, torch.Tensor]:
-    """The export's tensors, after checking the sha256 recorded in its manifest."""
-    from safetensors.torch import load_file
-    from safetensors import SafetensorError
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    return " ".join(str(exc).split())[:limit]
 
-    export_dir = Path(export_dir)
-    manifest = manifest or read_manifest(export_dir)
-    path = export_dir / manifest["weights"]["file"]
-    if sha256_file(path) != manifest["weights"]["sha256"]:
-        raise ExportError(f"{path}: sha256 differs from {export_dir / MANIFEST_FILE} (weights replaced or damaged; "
-                          "re-export, or restore the matching manifest)")
+
+def read_header(path: str | Path, fix: str = FIX) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{key: (dtype, shape)}`` from a safetensors file's header, without reading a tensor."""
+    from safetensors import safe_open
+
+    path = Path(path)
     try:
-        return load_file(str(path))
-    except SafetensorError as exc:
-        raise ExportError(f"{path} is not a safetensors file ({exc}); exports never hold pickles") from None
+        with safe_open(str(path), framework="pt") as fh:
+            header = {}
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                header[key] = (str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+            return header
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError…: not a safetensors file
+        raise ExportError(f"{path} is not a safetensors file ({_one_line(exc)}); exports never hold pickles; "
+                          f"{fix}") from None
+
+
+def nonfinite(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{key: (non-finite values, values)}`` for every floating-point tensor holding NaN or inf."""
+    out = {}
+    for key, t in state.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                out[key] = (bad, t.numel())
+    return out
+
+
+def load_weights(path: str | Path, sha256: str | None, described_by: str | Path, expect: dict | None = None,
+                 allow_nonfinite: bool = False, flag: str = NONFINITE_FLAG, skip: tuple[str, ...] = (),
+                 log=print, fix: str = FIX,
+                 redo: str = "export an earlier checkpoint (python -m medssl.pretrain export RUN --tag TAG)"
+                 ) -> dict[str, torch.Tensor]:
+    """One safetensors file, checked in order: sha256 (as recorded in ``described_by``, the manifest; None skips
+    it), header (floating point; with ``expect`` ``{key: shape}``, every key and shape of the network, keys
+    starting with ``skip`` left out) before any tensor is read, then the values: NaN/inf refused with the tensor
+    names and counts unless ``allow_nonfinite`` (``flag`` is how the caller's user says so; ``redo`` how to get
+    finite weights)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: missing (the weights {described_by} names); {fix}")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ExportError(f"{path}: sha256 differs from {described_by} (weights replaced or damaged; "
+                          "re-export, or restore the matching manifest)")
+    header = read_header(path, fix)
+    odd = [f"{k} ({d})" for k, (d, _) in header.items() if d not in FLOAT_DTYPES]
+    if odd:
+        raise ExportError(f"{path}: {len(odd)} tensor(s) are not floating point: {', '.join(odd[:5])}; the weights "
+                          f"are written as fp32; {fix}")
+    if expect is not None:
+        shapes = {k: v[1] for k, v in header.items() if not k.startswith(skip)}  # startswith(()) is False
+        want = {k: tuple(v) for k, v in expect.items() if not k.startswith(skip)}
+        missing = sorted(set(want) - set(shapes))
+        unexpected = sorted(set(shapes) - set(want))
+        shaped = sorted((k, shapes[k], want[k]) for k in set(want) & set(shapes) if shapes[k] != want[k])
+        if missing or unexpected or shaped:
+            raise ExportError(f"{path}: the weights do not fit the network {described_by} describes (checked before "
+                              f"loading):\n{format_report(missing, unexpected, shaped)}\n{fix}")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the header read above; anything now is a damaged file
+        raise ExportError(f"{path} is not a safetensors file ({_one_line(exc)}); exports never hold pickles") from None
+    if skip:
+        state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    bad = nonfinite(state)
+    if bad:
+        listed = ", ".join(f"{k} ({n} of {total})" for k, (n, total) in list(bad.items())[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        text = f"{path}: {len(bad)} tensor(s) hold non-finite values (NaN/inf): {listed}{more}"
+        if not allow_nonfinite:
+            raise ExportError(f"{text}; the training run diverged or the file is damaged: {redo}, or pass {flag} to "
+                              "load them anyway")
+        log(f"warning: {text}; loaded anyway ({flag})")
+    return state
+
+
+def load_state(export_dir: str | Path, manifest: dict | None = None, allow_nonfinite: bool = False,
+               expect: dict | None = None, flag: str = NONFINITE_FLAG, log=print) -> dict[str, torch.Tensor]:
+    """The export's backbone tensors, checked by :func:`load_weights`. ``manifest`` is :func:`read_manifest`'s
+    (read when not given); ``expect`` ``{key: shape}`` defaults to the backbone the manifest describes (an empty
+    dict skips the shape check: a partial load)."""
+    export_dir = Path(export_dir)
+    if manifest is None:
+        from .manifest import read
+
+        manifest, metas = read(export_dir)
+        expect = expect if expect is not None else {k: tuple(v.shape) for k, v in metas["backbone"].state_dict().items()}
+    elif expect is None:
+        from .manifest import meta_backbone
+
+        meta = meta_backbone(manifest["backbone"]["name"], manifest["backbone"]["kwargs"], str(export_dir / MANIFEST_FILE))
+        expect = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    w = manifest["weights"]
+    return load_weights(export_dir / w["file"], w["sha256"], export_dir / MANIFEST_FILE, expect or None,
+                        allow_nonfinite, flag, log=log)
 
 
 def diff_report(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
@@ -223,23 +307,33 @@ def adapt_in_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def load_backbone(export_dir: str | Path, img_size=None, in_chans: int | None = None, strict: bool = True,
-                  log=print) -> nn.Module:
+                  log=print, allow_nonfinite: bool = False) -> nn.Module:
     """Rebuild the exported backbone and load every key (or raise with a readable diff).
 
     ``img_size`` builds it for another input size (the sin-cos position embedding follows the new
-    grid); ``in_chans`` adapts the stem convolution to another number of input channels.
+    grid); ``in_chans`` adapts the stem convolution to another number of input channels. The manifest is
+    checked field by field and the weights' header against the network before anything is allocated;
+    weights holding NaN/inf are refused unless ``allow_nonfinite``.
     """
     from .backbones import build_backbone
+    from .manifest import meta_backbone, read
 
-    manifest = read_manifest(export_dir)
+    manifest, metas = read(export_dir)
+    where = str(Path(export_dir) / MANIFEST_FILE)
     kwargs = dict(manifest["backbone"]["kwargs"])
+    trained_chans = kwargs.get("in_chans", 1)
     if img_size is not None:
-        kwargs["img_size"] = img_size
-    state = load_state(export_dir, manifest)
-    if in_chans is not None and in_chans != kwargs.get("in_chans", 1):
+        kwargs["img_size"] = img_size if isinstance(img_size, int) else [int(s) for s in img_size]
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    # the caller's img_size / in_chans are checked like the manifest's before anything is allocated
+    meta_backbone(manifest["backbone"]["name"], kwargs, where, "backbone.kwargs",
+                  fix="pass load_backbone an img_size and in_chans within these bounds")
+    expect = {k: tuple(v.shape) for k, v in metas["backbone"].state_dict().items()} if strict else {}
+    state = load_state(export_dir, manifest, allow_nonfinite, expect, log=log)
+    if in_chans is not None and in_chans != trained_chans:
         for key in [k for k in state if k.endswith(STEM_KEYS)]:
             state[key] = adapt_in_channels(state[key], in_chans)
-        kwargs["in_chans"] = in_chans
     model = build_backbone(manifest["backbone"]["name"], **kwargs)
     missing, unexpected, shaped = diff_report(model, state)
     if missing or unexpected or shaped:
