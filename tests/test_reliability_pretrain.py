@@ -271,3 +271,20 @@ def test_damaged_checkpoint_files_and_a_failed_save_fall_back_with_the_reason(re
     assert "checkpoint of step 16 NOT saved (rank 1: OSError: [Errno 28] No space left on device)" in proc.stderr
     assert "is still usable" in proc.stderr
     assert results["after"] is True
+
+
+def test_missing_and_truncated_shards_reach_the_metrics_and_the_summary(built, tmp_path):
+    """A world of one trains on a set with one shard deleted: the run finishes, metrics.jsonl carries the
+    count per shard, and the end of the run lists it."""
+    data = tmp_path / "set"
+    shutil.copytree(built, data)
+    gone = sorted(data.glob("shard-*.tar"))[1]
+    gone.unlink()
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "medssl.pretrain", "hi_end_mae", *_args(data, run, steps=3)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = _metrics(run)[-1]
+    name = f"{data.name}/{gone.name}"
+    assert last["stream_errors"] >= 1 and last["stream_errors_by_shard"][name]["missing"] >= 1, last
+    assert f"stream errors over all ranks (shard: kind x count): {name}: missing x" in proc.stdout
