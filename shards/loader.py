@@ -669,7 +669,7 @@ class ShardLoader:
             if self.dataset.rank == 0:
                 print(f"shards.stream: resuming with another {', '.join(what) or 'layout'}: the saved stream position "
                       f"cannot be matched slot for slot; starting at epoch {epoch}", file=sys.stderr, flush=True)
-            self._states = {w: {"epoch": epoch} for w in range(max(1, self.cfg.num_workers))}
+            self._states = {w: {"epoch": epoch, "ordinal": 0} for w in range(max(1, self.cfg.num_workers))}
             self._batches = 0
         else:
             self._states = workers

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from medssl import shards
+from medssl.shards.loader import check_state
 from medssl.shards.verify import load_index, load_samples
 
 CROP = (16, 16, 16)
@@ -58,6 +59,7 @@ def test_a_state_from_another_world_size_starts_the_next_epoch_and_says_so(built
     other = shards.stream(built, **kw, world_size=2)
     other.load_state_dict(first.state_dict())
     assert "world_size 1 -> 2" in capsys.readouterr().err
+    check_state(other.state_dict())  # saved again before a batch arrives, it still reads back
     assert next(iter(other))["image"].shape[0] == 1
 
 
