@@ -117,11 +117,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from medssl.shards.verify import sha256_file
+
+    return sha256_file(path)
 
 
 SIDECARS = ("loader_rank", "rng_rank", "best.")  # small files whose sha256 complete.json records
