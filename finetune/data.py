@@ -106,7 +106,7 @@ def discover(dataset: str | Path, labels_override: dict | None = None) -> tuple[
         try:
             declared = _declared_labels(desc)
         except InputError as exc:
-            raise InputError(root / "dataset.json", exc.reason, exc.fix) from None
+            raise InputError(root / "dataset.json", exc.reason, exc.fix, code=exc.code) from None
         cases = [CaseSource(s.key, s.images, s.label, s.modality) for s in from_nnunet(root, include_test=False)]
     elif root.is_file() and root.suffix.lower() == ".csv":
         cases = [CaseSource(s.key, s.images, s.label, s.modality) for s in from_csv(root, "CT")]

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .build import DEFAULT_CODEC
 from .format import CODECS
+from .preprocess import DEFAULT_MAX_VOXELS
+
+
+def _voxel_count(text: str) -> int:
+    """``1e9``, ``2000000000``, ``500M``, ``2G`` → a positive whole number of voxels."""
+    t = text.strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of voxels (e.g. 1e9 or 500M)")
+    return int(value)
 
 
 def _build_parser(sub) -> None:
@@ -18,7 +33,8 @@ def _build_parser(sub) -> None:
 Preprocess volumes once — reorient to RAS, resample, optionally crop to the body, store CT as int16 HU
 and MRI as float16, labels as uint8 — and write them into webdataset tar shards with an index.json
 (sample counts, bytes, sha256, build config). Volumes that cannot be read are listed in errors.jsonl
-with the reason and skipped. Re-running the same command after an interruption keeps finished shards.
+with the reason (a code such as crc_mismatch, bad_header, too_large), the message and the fix, and skipped.
+Re-running the same command after an interruption keeps finished shards.
 
 INPUT may be an nnU-Net v2 / MSD raw dataset folder (dataset.json + imagesTr/ [+ labelsTr/]),
 a CSV list with a header 'path,modality[,label]', a folder of NIfTI files, a folder of DICOM series
@@ -40,6 +56,10 @@ a CSV list with a header 'path,modality[,label]', a folder of NIfTI files, a fol
                         "intensities look like Hounsfield units; otherwise the build stops and asks for it")
     p.add_argument("--include-test", action="store_true", help="also take imagesTs/ of nnU-Net/MSD datasets")
     p.add_argument("--no-labels", action="store_true", help="leave labels out even where they exist")
+    p.add_argument("--max-voxels", type=_voxel_count, default=DEFAULT_MAX_VOXELS, metavar="N",
+                   help="skip (errors.jsonl: too_large) a volume with more voxels than N, stored or after resampling "
+                        "to --spacing, before it is read; a worker needs about 40 bytes per voxel "
+                        f"(default {DEFAULT_MAX_VOXELS:,})")
     p.add_argument("--workers", type=int, default=None, help="preprocessing processes (default: cores, at most 8)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any volume was skipped")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier build in --out and start over")

@@ -4,8 +4,9 @@ Worker processes load and preprocess volumes in parallel (:func:`shards.preproce
 the main process writes their samples into shards in the order of the inputs, so the same command
 always gives byte-identical shards. Each finished shard is renamed into place and appended to
 ``progress.jsonl``; re-running the command after an interruption keeps those shards and continues
-with the next volume. A volume that cannot be read is written to ``errors.jsonl`` (file, reason, fix),
-skipped and counted; the build exits non-zero only when nothing was built or ``--strict`` is given.
+with the next volume. A volume that cannot be read is written to ``errors.jsonl`` (file, reason: a code
+of ``shards.errors.REASONS``, message, fix), skipped and counted; the build exits non-zero only when
+nothing was built or ``--strict`` is given.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .format import CODECS, FORMAT_VERSION, encode_sample
-from .preprocess import parse_spacing, prepare_volume
+from .format import CODECS, FORMAT_VERSION, check_key, encode_sample
+from .preprocess import DEFAULT_MAX_VOXELS, parse_spacing, prepare_volume
 from .sources import Source, discover
 
 # Measured in BENCHMARKS.md (bench/loader.py): raw .npy decodes fastest per volume (7 vs 12 ms), but
@@ -56,6 +57,7 @@ class BuildConfig:
     modality: str | None = None  # for plain NIfTI/DICOM folders and files; None: decided from the intensities
     include_test: bool = False
     labels: bool = True
+    max_voxels: int = DEFAULT_MAX_VOXELS  # per volume, stored and after resampling (see preprocess)
 
     def validate(self) -> None:
         if self.modality not in (None, "CT", "MR"):
@@ -65,6 +67,8 @@ class BuildConfig:
         parse_spacing(self.spacing)
         if parse_size(self.shard_size) <= 0:
             raise ValueError(f"shard size {self.shard_size!r} must be positive, e.g. 512MB")
+        if isinstance(self.max_voxels, bool) or not isinstance(self.max_voxels, int) or self.max_voxels <= 0:
+            raise ValueError(f"max voxels {self.max_voxels!r} must be a positive whole number, e.g. 1e9")
 
     def fingerprint(self) -> dict:
         d = asdict(self)
@@ -88,7 +92,8 @@ class BuildInterrupted(KeyboardInterrupt):
 
 
 # ------------------------------------------------------------------------------------- worker side
-def _process(item: int, src: dict, spacing, crop_body: bool, codec: str) -> dict:
+def _process(item: int, src: dict, spacing, crop_body: bool, codec: str, max_voxels: int = DEFAULT_MAX_VOXELS
+             ) -> dict:
     """Runs in a worker process: one source → encoded sample bytes, or an error record."""
     try:
         expected = src.get("extra", {}).get("expected_channels")
@@ -97,9 +102,10 @@ def _process(item: int, src: dict, spacing, crop_body: bool, codec: str) -> dict
                 src["images"][0],
                 f"case has {len(src['images'])} channel file(s), dataset.json declares {expected}",
                 "add the missing _000N channel files or fix channel_names",
+                code="channel_mismatch",
             )
         prep = prepare_volume(src["images"], src["label"], src["modality"], spacing, crop_body,
-                              series_uid=src.get("extra", {}).get("dicom_uid"))
+                              series_uid=src.get("extra", {}).get("dicom_uid"), max_voxels=max_voxels)
         meta = dict(prep.meta)
         meta.update(
             format=FORMAT_VERSION,
@@ -124,14 +130,12 @@ def _process(item: int, src: dict, spacing, crop_body: bool, codec: str) -> dict
     except InputError as exc:
         rec = exc.to_record()
     except MemoryError:
-        rec = {"file": src["images"][0], "reason": "out of memory while preprocessing", "fix": "use fewer --workers"}
-    except Exception as exc:  # noqa: BLE001 - one odd file must never stop a build over thousands
-        rec = {
-            "file": src["images"][0],
-            "reason": f"unexpected error: {type(exc).__name__}: {exc}",
-            "fix": "please report this with the file's header (traceback in errors.jsonl)",
-            "traceback": traceback.format_exc(limit=4),
-        }
+        rec = InputError(src["images"][0], f"out of memory while preprocessing a volume within --max-voxels "
+                         f"{max_voxels:,}", code="out_of_memory").to_record()
+    except Exception as exc:  # noqa: BLE001 - a bug of ours must not stop a build over thousands of volumes
+        rec = InputError(src["images"][0], f"internal error ({type(exc).__name__}: {exc}); this is a medssl bug, "
+                         "please report it", code="internal_error").to_record()
+        rec["traceback"] = traceback.format_exc(limit=6)
     rec.update(item=item, key=src["key"])
     return {"item": item, "ok": False, "error": rec}
 
@@ -209,9 +213,13 @@ def build(
     spacing = parse_spacing(config.spacing)
     target = parse_size(config.shard_size)
     sources: list[Source] = discover(config.inputs, config.modality, config.include_test, config.labels)
+    for src in sources:
+        check_key(src.key)
+    if len({s.key for s in sources}) != len(sources):  # discover() makes keys unique; verify refuses duplicates
+        raise RuntimeError("discover() returned duplicate sample keys; please report this bug")
     fp = {"format": FORMAT_VERSION, "config": config.fingerprint(), "sources": [s.to_record() for s in sources]}
     _check_out(out, config.inputs, sources)
-    _probe_undeclared(sources, log)
+    _probe_undeclared(sources, log, config.max_voxels)
 
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "build.json"
@@ -279,7 +287,7 @@ def build(
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1 else None
     pending: deque = deque()
     next_submit = start
-    args = (spacing, config.crop_body, config.codec)
+    args = (spacing, config.crop_body, config.codec, config.max_voxels)
     try:
         while next_submit < len(sources) or pending:
             while next_submit < len(sources) and len(pending) < 2 * workers:
@@ -306,7 +314,8 @@ def build(
                 errors.append(rec)
                 err_fh.write(json.dumps(rec, sort_keys=True) + "\n")
                 err_fh.flush()
-                bar.write(f"skipped {rec['file']}: {rec['reason']}" + (f" (fix: {rec['fix']})" if rec.get("fix") else ""))
+                fix = f" (fix: {rec['fix']})" if rec.get("fix") else ""
+                bar.write(f"skipped {rec['file']}: {_describe(rec)}{fix}")
             bar.update(1)
             bar.set_postfix(shards=shard_index + (writer is not None), errors=len(errors))
         if writer is not None:
@@ -382,7 +391,7 @@ def _check_out(out: Path, inputs: list[str], sources: list[Source]) -> None:
         raise InputError(out, "--out is a file, not a folder", fix)
 
 
-def _probe_undeclared(sources: list[Source], log, tries: int = 5) -> None:
+def _probe_undeclared(sources: list[Source], log, max_voxels: int = DEFAULT_MAX_VOXELS, tries: int = 5) -> None:
     """Before anything is written: for each input whose modality nothing declares, look at the
     intensities of its first readable volume, and refuse the build (``InputError``, exit 2) when they
     are not CT Hounsfield units. Each volume is checked again when it is built."""
@@ -396,13 +405,14 @@ def _probe_undeclared(sources: list[Source], log, tries: int = 5) -> None:
         seen.add(src.dataset)
         for s in group:
             try:
-                data, _ = load_image(s.images[0], s.extra.get("dicom_uid"))
-            except Exception:  # noqa: BLE001 - a broken file is reported when it is built
+                data, _ = load_image(s.images[0], s.extra.get("dicom_uid"), max_voxels=max_voxels)
+            except Exception:  # noqa: BLE001 - a broken file is reported (with its reason) when it is built
                 continue
             verdict, evidence = hu_verdict(data)
             if verdict == "MR":
                 raise InputError(s.images[0], f"modality not declared and the intensities are not CT Hounsfield "
-                                              f"units ({evidence}); nothing was built", MODALITY_FIX)
+                                              f"units ({evidence}); nothing was built", MODALITY_FIX,
+                                 code="modality_mismatch")
             if verdict == "CT":
                 log(f"{s.dataset}: modality not declared; its volumes look like CT in HU ({evidence}) and are "
                     f"stored as CT where they do (pass --modality CT or MR to declare it)")
@@ -423,6 +433,11 @@ class _Done:
         return self.value
 
 
+def _describe(rec: dict) -> str:
+    """``[reason] message`` of an errors.jsonl record (records of older builds hold the text in ``reason``)."""
+    return f"[{rec['reason']}] {rec['message']}" if rec.get("message") else str(rec.get("reason", ""))
+
+
 def summary(result: BuildResult) -> str:
     mb = result.bytes / 1e6
     lines = [
@@ -432,7 +447,7 @@ def summary(result: BuildResult) -> str:
     if result.errors:
         lines.append(f"skipped {len(result.errors)} volume(s); reasons in {result.out / 'errors.jsonl'}:")
         for e in result.errors[:10]:
-            lines.append(f"  {e['file']}: {e['reason']}")
+            lines.append(f"  {e['file']}: {_describe(e)}")
         if len(result.errors) > 10:
             lines.append(f"  … and {len(result.errors) - 10} more")
     return "\n".join(lines)
@@ -448,6 +463,7 @@ def main(args) -> int:
         modality=args.modality,
         include_test=args.include_test,
         labels=not args.no_labels,
+        max_voxels=getattr(args, "max_voxels", DEFAULT_MAX_VOXELS),
     )
     try:
         result = build(cfg, args.out, workers=args.workers, overwrite=args.overwrite,

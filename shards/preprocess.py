@@ -2,7 +2,9 @@
 
 This runs once per volume when shards are built, so that training never pays for gzip decoding,
 reorientation or resampling again. Every check raises :class:`~shards.errors.InputError` naming the
-file, the reason and the fix; the builder records it and skips the volume.
+file, the reason (a code of ``shards.errors.REASONS``) and the fix; the builder records it and skips the
+volume. Headers, geometry and size (``max_voxels``, stored and after resampling) are checked before any
+voxel is read (:mod:`shards.nifti`, :func:`shards.dicom.load_series`).
 
 Resampling convention (declared here, reproduced by the tests with an independent trilinear
 reference): the first voxel centre stays where it is, the new grid steps by the target spacing, the
@@ -13,7 +15,6 @@ edge. Interpolation runs in float64 so the int16 result does not depend on summa
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .format import BACKGROUND, CT_RANGE, LABEL_DTYPE, MODALITY_DTYPE
+from .nifti import open_nifti
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -30,68 +32,81 @@ def is_nifti_path(path: str | Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI file as ``(float32 [X, Y, Z], affine)``, refusing anything that is not a sane 3D volume."""
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
+# 1e9 voxels: a 512x512x3800 whole-body CT still fits; a worker then needs ~40 bytes per voxel (float64 resampling)
+DEFAULT_MAX_VOXELS = 1_000_000_000
+# voxel sizes outside this range (mm) come from a damaged or mis-scaled header, not from a CT/MR scanner
+SPACING_RANGE_MM = (0.01, 50.0)
+TOO_LARGE_FIX = ("raise --max-voxels if the machine has the memory (a worker needs about 40 bytes per voxel), "
+                 "or check the volume's spacing (a wrong pixdim makes a small file huge)")
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist", "check the path in the input list")
-    if path.stat().st_size == 0:
-        raise InputError(path, "empty file (0 bytes)", "re-export the volume or remove it from the input")
-    try:
-        img = nib.load(str(path))
-    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
-        raise InputError(
-            path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})", "re-export it as NIfTI-1/2 or remove it"
-        ) from None
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        what = f"{len(shape)}D image (shape {shape})"
-        fix = "pass 3D volumes only"
-        if len(shape) == 4:
-            what += f" with {shape[3]} volumes along the 4th axis"
-            fix = "split the channels into one 3D file each (nnU-Net v2 layout: CASE_0000, CASE_0001, …) or pass one"
-        elif len(shape) == 2:
-            what += ": a single slice, not a 3D volume"
-        raise InputError(path, what, fix)
-    if min(shape) < 2:
-        raise InputError(path, f"degenerate shape {shape}", "pass 3D volumes with at least 2 voxels per axis")
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except (OSError, EOFError, zlib.error, ValueError) as exc:
-        raise InputError(
-            path, f"truncated or corrupt voxel data ({type(exc).__name__}: {exc})", "re-copy or re-export the file"
-        ) from None
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise InputError(
-            path, f"{bad} non-finite voxels (NaN/inf) of {data.size}", "repair the export (or fill them) and rebuild"
-        )
-    affine = np.asarray(img.affine, dtype=np.float64)
-    check_affine(path, affine)
-    return data, affine
+
+def load_nifti(path: str | Path, target_spacing=None, max_voxels: int = DEFAULT_MAX_VOXELS
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file as ``(float32 [X, Y, Z], affine)``, refusing anything that is not a sane 3D volume.
+
+    The header, the geometry and the size (stored, and after resampling to ``target_spacing``) are
+    checked before any voxel is read; see :mod:`shards.nifti`."""
+    nf = open_nifti(path)
+    check_affine(path, nf.affine)
+    check_size(path, nf.shape, nf.affine, target_spacing, max_voxels)
+    return nf.read(), nf.affine
 
 
 def check_affine(path, affine: np.ndarray) -> None:
+    """A finite, invertible voxel-to-world matrix whose voxel sizes lie in :data:`SPACING_RANGE_MM`."""
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise InputError(path, "affine is not a finite 4x4 matrix", "fix the header (qform/sform)")
+        raise InputError(path, "affine is not a finite 4x4 matrix", code="bad_affine")
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    if np.any(zooms < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(path, f"singular affine (voxel sizes {np.round(zooms, 4).tolist()})", "fix the header")
+    if np.any(zooms <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-3 * float(np.prod(zooms)):
+        raise InputError(path, f"singular affine (voxel sizes {np.round(zooms, 4).tolist()}, axes (nearly) "
+                         "parallel)", code="bad_affine")
+    lo, hi = SPACING_RANGE_MM
+    if np.any(zooms < lo) or np.any(zooms > hi):
+        raise InputError(path, f"voxel sizes {np.round(zooms, 5).tolist()} mm lie outside {lo}..{hi} mm",
+                         "fix the voxel sizes in the header (pixdim / sform, in mm) or re-export the volume; "
+                         "medssl reads CT/MR volumes only", code="bad_spacing")
 
 
-def load_image(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def ras_grid(shape, affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and voxel sizes of the volume once :func:`reorient_ras` has permuted its axes."""
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(affine)
+    zooms = voxel_spacing(affine)
+    out_shape, out_zooms = [0, 0, 0], np.zeros(3)
+    for axis, (to, _) in enumerate(ornt):
+        out_shape[int(to)], out_zooms[int(to)] = int(shape[axis]), zooms[axis]
+    return tuple(out_shape), out_zooms
+
+
+def check_size(path, shape, affine: np.ndarray, target_spacing, max_voxels: int) -> None:
+    """Refuse (``too_large``) a volume whose stored grid, or its grid after resampling to
+    ``target_spacing``, holds more than ``max_voxels`` voxels: before anything is allocated."""
+    stored = int(np.prod([int(n) for n in shape], dtype=object))
+    if stored > max_voxels:
+        raise InputError(path, f"volume too large: {stored:,} voxels ({'x'.join(map(str, shape))}) exceeds "
+                         f"--max-voxels {max_voxels:,}", TOO_LARGE_FIX, code="too_large")
+    if target_spacing is None:
+        return
+    grid, zooms = ras_grid(shape, affine)
+    resampled = int(np.prod(resampled_shape(grid, zooms, target_spacing), dtype=object))
+    if resampled > max_voxels:
+        target = "x".join(f"{t:g}" for t in target_spacing)
+        raise InputError(path, f"volume too large: {resampled:,} voxels after resampling to {target} mm exceeds "
+                         f"--max-voxels {max_voxels:,} (stored: {'x'.join(map(str, grid))} voxels of "
+                         f"{'x'.join(f'{z:.4g}' for z in zooms)} mm)", TOO_LARGE_FIX, code="too_large")
+
+
+def load_image(path: str | Path, series_uid: str | None = None, target_spacing=None,
+               max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray]:
     """Load a NIfTI file or a DICOM series as ``(float32 [X, Y, Z], affine in RAS+ world mm)``.
 
     For a DICOM folder, ``series_uid`` picks one series below it; without it the folder must hold one.
+    Geometry and size (see :func:`check_size`) are checked before the voxels are read.
     """
     path = Path(path)
     if not path.is_dir():
-        return load_nifti(path)
+        return load_nifti(path, target_spacing, max_voxels)
     from . import dicom
 
     series = dicom.find_series(path)
@@ -101,11 +116,14 @@ def load_image(path: str | Path, series_uid: str | None = None) -> tuple[np.ndar
         raise InputError(
             path,
             f"folder holds {len(series)} DICOM series{' with that UID' if series_uid else ''}, expected one",
-            "point the input at one series folder, or at the parent to take every series",
+            code="dicom_series",
         )
-    data, affine = dicom.load_series(series[0])
-    check_affine(path, affine)
-    return data, affine
+
+    def check(shape, affine):
+        check_affine(path, affine)
+        check_size(path, shape, affine, target_spacing, max_voxels)
+
+    return dicom.load_series(series[0], check=check)
 
 
 # ------------------------------------------------------------------------------------- modality
@@ -294,15 +312,17 @@ def prepare_volume(
     target_spacing=(1.5, 1.5, 1.5),
     crop_body: bool = False,
     series_uid: str | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Prepared:
     """Load one case (one file or DICOM series per channel, optional label), check it, bring it to the stored form.
 
     ``modality`` is "CT" or "MR"; ``None`` (nothing declared it) decides from the intensities with
     :func:`hu_verdict`: HU-like volumes are stored as CT (``meta["modality_inferred"]`` says so), others
-    are refused with the fix."""
+    are refused with the fix. Each file (or series) holding more than ``max_voxels`` voxels, stored or
+    after resampling to ``target_spacing``, is refused (``too_large``) before its voxels are read."""
     channels, affine0 = [], None
     for path in images:
-        data, affine = load_image(path, series_uid)
+        data, affine = load_image(path, series_uid, target_spacing, max_voxels)
         if affine0 is None:
             affine0, shape0, first = affine, data.shape, path
         elif data.shape != shape0 or not np.allclose(affine, affine0, atol=1e-3):
@@ -310,6 +330,7 @@ def prepare_volume(
                 path,
                 f"channel geometry differs from {Path(first).name} (shape {data.shape} vs {shape0})",
                 "resample all channels of a case to one grid before building",
+                code="channel_mismatch",
             )
         channels.append(data)
     image = np.stack(channels)  # [C, X, Y, Z] float32
@@ -318,7 +339,7 @@ def prepare_volume(
         verdict, evidence = hu_verdict(image[0])
         if verdict == "MR":
             raise InputError(images[0], f"modality not declared and the intensities are not CT Hounsfield "
-                                        f"units ({evidence})", MODALITY_FIX)
+                                        f"units ({evidence})", MODALITY_FIX, code="modality_mismatch")
         modality = "CT"
         note = f"modality not declared; stored as CT from its intensities ({evidence})"
         if verdict == "ambiguous":
@@ -329,22 +350,25 @@ def prepare_volume(
 
     lab = None
     if label is not None:
-        lab_data, lab_affine = load_image(label)
+        lab_data, lab_affine = load_image(label, None, target_spacing, max_voxels)
         if lab_data.shape != image.shape[1:]:
             raise InputError(
                 label,
                 f"label shape {lab_data.shape} differs from image shape {tuple(image.shape[1:])} ({Path(images[0]).name})",
                 "pair each image with the label drawn on it, on the same grid",
+                code="label_mismatch",
             )
         if not np.allclose(lab_affine, affine0, atol=1e-2 * float(orig_spacing.min())):
             raise InputError(
                 label,
                 "label affine differs from its image's affine",
                 "resample the label onto the image grid (nearest neighbour) before building",
+                code="label_mismatch",
             )
         rounded = np.rint(lab_data)
         if np.any(np.abs(rounded - lab_data) > 1e-3) or rounded.min() < 0 or rounded.max() > 255:
-            raise InputError(label, "label holds non-integer or out-of-range (0..255) values", "store class indices")
+            raise InputError(label, "label holds non-integer or out-of-range (0..255) values", "store class indices",
+                             code="label_mismatch")
         lab = rounded.astype(LABEL_DTYPE)[None]  # [1, X, Y, Z]
 
     image, affine = reorient_ras(image, affine0)

@@ -139,7 +139,8 @@ def from_folder(root: Path, default_modality: str) -> list[Source]:
     if not any(dicom.is_dicom_file(p) for p in root.rglob("*") if p.is_file()):
         return []
     if not dicom.pydicom_available():
-        raise InputError(root, "folder holds DICOM files but pydicom is not installed", "pip install 'medssl[dicom]'")
+        raise InputError(root, "folder holds DICOM files but pydicom is not installed", "pip install 'medssl[dicom]'",
+                         code="dicom_unavailable")
     out = []
     for s in dicom.find_series(root):
         rel = s.folder.relative_to(root) if s.folder != root else Path("")
@@ -171,10 +172,23 @@ def discover(inputs: list[str | Path], modality: str | None = None, include_test
         if not found:
             raise ValueError(f"input {inp}: no volumes found (looked for dataset.json, *.nii(.gz), DICOM files)")
         sources.extend(found)
-    seen: dict[str, int] = {}
-    for s in sources:  # keys must be unique across the whole shard set
-        n = seen.get(s.key, 0)
-        seen[s.key] = n + 1
-        if n:
-            s.key = f"{s.key}-{n + 1}"
+    return unique_keys(sources)
+
+
+def unique_keys(sources: list[Source]) -> list[Source]:
+    """Make keys unique across the whole shard set, in place and deterministically.
+
+    The first source with a key keeps it; a later one gets ``<key>-2``, ``-3``, … skipping every key
+    that any source already holds or was given, so a renamed duplicate never lands on another
+    source's key (``a.nii`` + ``a.nii.gz`` + ``a-2.nii.gz`` give ``a``, ``a-3``, ``a-2``)."""
+    taken = {s.key for s in sources}
+    seen: set[str] = set()
+    for s in sources:
+        if s.key in seen:
+            n = 2
+            while f"{s.key}-{n}" in taken:
+                n += 1
+            s.key = f"{s.key}-{n}"
+            taken.add(s.key)
+        seen.add(s.key)
     return sources

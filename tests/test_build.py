@@ -43,8 +43,8 @@ def test_cli_verify_and_info(built):
     assert res.returncode == 0 and "stored spacing" in res.stdout, res.stderr
 
 
-def _bad_inputs(root: Path, good: Path) -> dict[str, str]:
-    """Write one file per kind of bad input; returns name → expected words of the reason."""
+def _bad_inputs(root: Path, good: Path) -> dict[str, tuple[str, str]]:
+    """Write one file per kind of bad input; returns name → (reason code, expected words of the message)."""
     img = nib.load(str(good))
     data = np.asarray(img.dataobj)
     bad = root / "bad"
@@ -59,8 +59,9 @@ def _bad_inputs(root: Path, good: Path) -> dict[str, str]:
     (bad / "empty.nii.gz").write_bytes(b"")
     (bad / "notnifti.nii.gz").write_bytes(gzip.compress(b"this is a text file, not an image\n" * 20))
     (bad / "plain_text.nii").write_text("hello\n")
-    return {"truncated": "truncated or corrupt", "flat2d": "2D image", "fourd": "4D image", "nans": "non-finite",
-            "empty": "empty file", "notnifti": "not a readable NIfTI", "plain_text": "not a readable NIfTI"}
+    return {"truncated": ("truncated", "gzip stream ends"), "flat2d": ("not_3d", "2D image"),
+            "fourd": ("not_3d", "4D image"), "nans": ("non_finite", "non-finite"), "empty": ("empty", "empty file"),
+            "notnifti": ("not_nifti", "not a NIfTI file"), "plain_text": ("not_nifti", "not a NIfTI file")}
 
 
 def test_each_bad_input_is_reported_and_the_rest_is_built(phantoms, tmp_path):
@@ -84,15 +85,16 @@ def test_each_bad_input_is_reported_and_the_rest_is_built(phantoms, tmp_path):
         series = tmp_path / "dicom_gap"
         write_series(series, n=6, skip=(3,))
         inputs.append(str(series))
-        expected["dicom_gap"] = "missing"
+        expected["dicom_gap"] = ("dicom_missing_slice", "missing")
     result = build(BuildConfig(inputs=inputs, shard_size="50MB"), out, workers=2, progress=False)
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     by_file = {Path(e["file"]).name.split(".")[0] if "dicom" not in e["file"] else "dicom_gap": e for e in errors}
-    for name, words in expected.items():
+    for name, (code, words) in expected.items():
         assert name in by_file, f"{name} missing from errors.jsonl: {errors}"
-        assert words.lower() in by_file[name]["reason"].lower(), by_file[name]
+        assert by_file[name]["reason"] == code and words.lower() in by_file[name]["message"].lower(), by_file[name]
         assert by_file[name]["fix"], "every error says how to fix it"
-    assert "short_label" in by_file and "label shape" in by_file["short_label"]["reason"]
+    assert "short_label" in by_file and "label shape" in by_file["short_label"]["message"]
+    assert by_file["short_label"]["reason"] == "label_mismatch"
     assert len(errors) == len(expected) + 1
     # the good volumes were built: good[2] (from the CSV, labelled) and good[3]
     assert result.samples == 2 and load_index(out)["errors"] == len(errors)
@@ -108,7 +110,7 @@ def test_exit_codes_follow_strict_and_empty(phantoms, tmp_path):
     shutil.copy(good, folder / "ok.nii.gz")
     (folder / "empty.nii.gz").write_bytes(b"")
     ns = dict(spacing="1.5", codec="npy", shard_size="10MB", crop_body=False, modality="CT", include_test=False,
-              no_labels=False, workers=1, overwrite=False, quiet=True)
+              no_labels=False, workers=1, overwrite=False, quiet=True, max_voxels=10**9)
     assert build_main(argparse.Namespace(inputs=[str(folder)], out=str(tmp_path / "a"), strict=False, **ns)) == 0
     assert build_main(argparse.Namespace(inputs=[str(folder)], out=str(tmp_path / "b"), strict=True, **ns)) == 1
     (folder / "ok.nii.gz").unlink()

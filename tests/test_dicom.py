@@ -208,19 +208,21 @@ def load_error(folder) -> InputError:
 def test_missing_slice(tmp_path):
     write_series(tmp_path, n=8, step=2.5, skip=(4,))
     err = load_error(tmp_path)
-    assert "missing slice" in err.reason and "gap" in err.reason
+    assert "missing slice" in err.reason and "gap" in err.reason and err.code == "dicom_missing_slice"
     assert "107.50..112.50" in err.reason and "2.500 mm" in err.reason  # gap position and spacing
 
 
 def test_single_slice(tmp_path):
     write_series(tmp_path, n=1)
-    assert "only one slice: not a 3D volume" in load_error(tmp_path).reason
+    err = load_error(tmp_path)
+    assert "only one slice: not a 3D volume" in err.reason and err.code == "not_3d"
 
 
 def test_uneven_spacing(tmp_path):
     for s, z in enumerate([0, 2, 4, 6.6, 8.6]):
         make_slice((0, 0, z), pixels=raw_slice(s)).save_as(tmp_path / f"{s}.dcm", enforce_file_format=True)
-    assert "uneven slice spacing" in load_error(tmp_path).reason
+    err = load_error(tmp_path)
+    assert "uneven slice spacing" in err.reason and err.code == "dicom_uneven_spacing"
 
 
 def test_corrupt_file_reported_by_load_series(tmp_path):
@@ -234,22 +236,49 @@ def test_corrupt_file_reported_by_load_series(tmp_path):
         with pytest.raises(InputError, match=name) as info:
             dicom.load_series(s)
         assert "not a readable DICOM file" in info.value.reason and info.value.path == str(s.folder)
+        assert info.value.code == "dicom_unreadable"
 
 
-@pytest.mark.parametrize("case, message", [
-    ("orientation", "ImageOrientationPatient"),
-    ("size", "Rows/Columns"),
-    ("spacing", "PixelSpacing"),
-    ("duplicate", "duplicate slice position"),
-    ("no_position", "missing or invalid ImagePositionPatient"),
-    ("no_orientation", "missing or invalid ImageOrientationPatient"),
-    ("multiframe", "multi-frame (enhanced) DICOM is not supported yet"),
-    ("compressed", "compressed pixel data"),
-    ("truncated", "pixel data cannot be read"),
+def test_non_image_objects_are_skipped_but_a_slice_without_rows_is_reported(tmp_path):
+    from pydicom.uid import BasicTextSRStorage
+
+    write_series(tmp_path, n=4)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = BasicTextSRStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    report = Dataset()
+    report.file_meta = meta
+    report.SOPClassUID, report.SOPInstanceUID = BasicTextSRStorage, meta.MediaStorageSOPInstanceUID
+    report.Modality, report.SeriesInstanceUID, report.StudyInstanceUID = "SR", "1.2.3.99", "1.2.3"
+    report.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    (series,) = dicom.find_series(tmp_path)  # the report is a series of its own, without Rows: skipped
+    assert len(series.files) == 4 and not series.problems
+    first = series.files[0]
+    blob = first.read_bytes()
+    at = blob.index(b"\x20\x00\x0e\x00UI")  # (0020,000E) SeriesInstanceUID: cut the file right after it
+    first.write_bytes(blob[:at + 8 + int.from_bytes(blob[at + 6:at + 8], "little")])
+    (series,) = dicom.find_series(tmp_path)  # a slice of this series without Rows: damaged, never dropped
+    assert len(series.files) == 3 and [p.name for p, _ in series.problems] == [first.name]
+    err = load_error(tmp_path)
+    assert err.code == "dicom_unreadable" and first.name in err.reason and "no Rows" in err.reason
+
+
+@pytest.mark.parametrize("case, message, code", [
+    ("orientation", "ImageOrientationPatient", "dicom_mixed_geometry"),
+    ("size", "Rows/Columns", "dicom_mixed_geometry"),
+    ("spacing", "PixelSpacing", "dicom_mixed_geometry"),
+    ("duplicate", "duplicate slice position", "dicom_duplicate_slice"),
+    ("no_position", "missing or invalid ImagePositionPatient", "dicom_bad_tag"),
+    ("no_orientation", "missing or invalid ImageOrientationPatient", "dicom_bad_tag"),
+    ("multiframe", "multi-frame (enhanced) DICOM is not supported yet", "dicom_multiframe"),
+    ("compressed", "compressed pixel data", "dicom_compressed"),
+    ("truncated", "pixel data cannot be read", "dicom_pixels"),
 ])
-def test_inconsistent_or_broken_slices(tmp_path, case, message):
+def test_inconsistent_or_broken_slices(tmp_path, case, message, code):
     write_series(tmp_path, n=4)
     pos, iop, spacing, pixels = (0.0, 0.0, 300.0), AXIAL, (0.8, 0.7), None
+    if case in ("compressed", "truncated"):  # pixels are decoded after the geometry passed: a fifth slice in line
+        pos = (-20.0, 35.5, 110.0)
     if case == "orientation":
         iop = (1, 0, 0, 0, 0.8, 0.6)
     elif case == "size":
@@ -275,7 +304,7 @@ def test_inconsistent_or_broken_slices(tmp_path, case, message):
         ds.PixelData = ds.PixelData[:20]
     ds.save_as(tmp_path / "zz_odd.dcm", enforce_file_format=True)
     err = load_error(tmp_path)
-    assert message in err.reason
+    assert message in err.reason and err.code == code
     if case not in ("duplicate",):
         assert "zz_odd.dcm" in err.reason
     if case == "compressed":
@@ -291,3 +320,4 @@ def test_without_pydicom(tmp_path, monkeypatch):
         with pytest.raises(InputError) as info:
             call()
         assert info.value.reason == "pydicom is not installed" and info.value.fix == "pip install 'medssl[dicom]'"
+        assert info.value.code == "dicom_unavailable"
