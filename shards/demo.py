@@ -52,7 +52,10 @@ def run(out: str | Path, n_ct: int = 8, n_mr: int = 2, fov_scale: float = 0.6, s
               f"values in [{b['image'].min():.2f}, {b['image'].max():.2f}], labels {tuple(b['label'].shape)}; "
               f"volumes {sorted(set(k for x in batches for k in x['key']))}; "
               f"{crops / dt:.1f} crops/s incl. worker start-up; skipped damaged samples: {loader.errors}")
-        print(f"  rank {rank}: resume cursor {loader.state_dict()['cursors']}")
+        state = loader.state_dict()
+        where = ", ".join(f"worker {w}: epoch {st['epoch']}, {st['ordinal']} volume(s) read this epoch, {len(st['pool'])} pooled"
+                          for w, st in state["workers"].items())
+        print(f"  rank {rank}: resume state after {state['batches']} batches ({where})")
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
     return 0
 

@@ -125,3 +125,14 @@ def test_a_set_with_no_readable_shard_raises_naming_the_shards(built, tmp_path):
     loader = shards.stream(data, crop_size=CROP, batch_size=1, num_workers=0, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match="no readable sample in any of the .* shards .*shard file missing"):
         next(iter(loader))
+
+
+def test_the_shards_demo_streams_and_prints_the_resume_state(tmp_path):
+    """`python -m medssl.shards demo` (the first half of `make demo`) end to end on a few small phantoms."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "medssl.shards", "demo", "--out", str(tmp_path / "demo"), "--n-ct", "2",
+                           "--n-mr", "1", "--fov-scale", "0.3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "rank 1: resume state after 4 batches (worker 0: epoch" in proc.stdout and "demo finished" in proc.stdout
