@@ -113,7 +113,7 @@ def reference(built, tmp_path_factory):
 
 def test_sigkill_at_a_random_step_and_an_elastic_restart_end_bitwise_equal(built, reference, tmp_path):
     run = tmp_path / "killed"
-    kill_at = random.Random().randint(2, STEPS - 1)
+    kill_at = random.Random().randint(EVERY + 1, STEPS - 1)  # after the first checkpoint: the restart resumes
     proc = _torchrun(_args(built, run), "--max-restarts", "1")
     _wait_for_step(run, kill_at, proc)
     ranks = _ranks(proc)
