@@ -218,6 +218,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     with engine.quiet():
         eng, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
 
+    watch = engine.Watchdog(env.rank, env.world_size, t.collective_timeout)
     start, samples, loader_state = (0, 0, None)
     resumed_from, info = None, {}
     if resume != "none":
@@ -225,9 +226,10 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
 
         tag = None if resume == "auto" else resume
         src = Path(plan.resume_dir) if (tag and plan is not None and plan.resume_dir) else ckpt_dir
-        start, samples, loader_state = checkpoint.resume(eng, src, env.rank, env.world_size, log=lambda *_: None,
-                                                          tag=tag, check_loader=check_state, info=info,
-                                                          zero_stage=t.zero_stage)
+        with watch.armed(0, "loading a checkpoint", limit=3 * t.collective_timeout):
+            start, samples, loader_state = checkpoint.resume(eng, src, env.rank, env.world_size,
+                                                              log=lambda *_: None, tag=tag, check_loader=check_state,
+                                                              info=info, zero_stage=t.zero_stage)
         if start:
             resumed_from = str(src / info["tag"])
     if env.is_main:
@@ -245,7 +247,6 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                    bar=None if progress else False)
     prec = engine.precision(cfg, env.device)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
-    watch = engine.Watchdog(env.rank, env.world_size, t.collective_timeout)
     if info.get("rng"):
         checkpoint.set_rng_state(info["rng"])  # last, so that nothing above draws from the restored generators
     elif start:

@@ -273,7 +273,7 @@ def test_damaged_checkpoint_files_and_a_failed_save_fall_back_with_the_reason(re
     assert results["after"] is True
 
 
-def test_missing_and_truncated_shards_reach_the_metrics_and_the_summary(built, tmp_path):
+def test_a_missing_shard_reaches_the_metrics_and_the_summary(built, tmp_path):
     """A world of one trains on a set with one shard deleted: the run finishes, metrics.jsonl carries the
     count per shard, and the end of the run lists it."""
     data = tmp_path / "set"
