@@ -44,12 +44,9 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
 
 
 def run_items(run: Path) -> list[str]:
-    found = []
-    for name in RUN_ITEMS:
-        p = run / name
-        if p.is_file() or (p.is_dir() and any(p.iterdir())):
-            found.append(name)
-    return found
+    from medssl.pretrain.checkpoint import run_items as items_in
+
+    return items_in(run, RUN_ITEMS)
 
 
 def move_aside(run: Path) -> tuple[Path, list[str]]:

@@ -348,7 +348,8 @@ def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print, tag: str | Non
                 f"saved by another config. Resume with that run's config ({ckpt_dir.parent / 'config.yaml'}), "
                 f"or start a new run with another --out")
         if engine.all_reduce_max(0.0 if ok else 1.0) == 0.0:
-            saved = read_complete(path).get("param_digest")
+            record = read_complete(path)
+            saved = record.get("param_digest")
             now = param_digest(eng.module) if rank == 0 else None
             if engine.all_reduce_max(1.0 if rank == 0 and saved and now != saved else 0.0):
                 problem = "the weights loaded differ from the ones saved (parameter digest)"
@@ -365,13 +366,13 @@ def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print, tag: str | Non
                                           "the Adam moments restart (DeepSpeed cannot re-partition ZeRO-"
                                           f"{zero_stage} optimizer states)")
                                        + "; the random generators are re-seeded and the stream starts the next epoch")
-                client_step = read_complete(path)["step"]
+                client_step = record["step"]
                 log(f"resumed from {path} (step {client_step}, weights digest {'matches' if now == saved else 'n/a'})")
                 if rank == 0:
                     _write_json(ckpt_dir.parent / "resume.json",
                                 {"tag": tag, "step": client_step, "saved_digest": saved, "loaded_digest": now,
                                  "saved_world": saved_world, "world": world})
-                return client_step, int(read_complete(path).get("samples", 0)), state
+                return client_step, int(record.get("samples", 0)), state
         why = problem or "failed on another rank"
         if explicit:
             raise CheckpointUnusable(f"--resume {path}: this checkpoint cannot be used ({why}); pick another tag "
@@ -391,11 +392,12 @@ def resume(eng, ckpt_dir: Path, rank: int, world: int, log=print, tag: str | Non
 RUN_ITEMS = ("config.yaml", "checkpoints", "export", "metrics.jsonl", "pictures", "resume.json", "wandb")
 
 
-def run_items(run_dir: Path) -> list[str]:
-    """What in ``run_dir`` belongs to a pretraining run (empty: a new or foreign folder)."""
+def run_items(run_dir: Path, items: tuple[str, ...] = RUN_ITEMS) -> list[str]:
+    """What in ``run_dir`` belongs to a run (``items``: a pretraining run's by default; empty: a new or
+    foreign folder)."""
     run_dir = Path(run_dir)
     found = []
-    for name in RUN_ITEMS:
+    for name in items:
         p = run_dir / name
         if p.is_file() or (p.is_dir() and any(p.iterdir())):
             found.append(name)

@@ -253,15 +253,7 @@ def read_deepspeed_json(path: str | Path) -> dict:
 
 
 def all_reduce_max(value: float) -> float:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return all_reduce_flags(value)[0]
 
 
 def all_gather_object(obj):

@@ -317,7 +317,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     errors = stream_errors(loader)
     log.close()
     if env.is_main and errors:
-        print(f"stream errors over all ranks (shard: kind x count): " + "; ".join(
+        print("stream errors over all ranks (shard: kind x count): " + "; ".join(
             f"{s}: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()) for s, kinds in errors.items()), flush=True)
     if stopped and step < t.steps:
         if env.is_main:
