@@ -2,6 +2,7 @@
 
     python -m medssl.finetune --export RUN/export --data DATASET --out RUNS/pre [--n-train 4] [--preset tiny] [key=value …]
     python -m medssl.finetune --export RUN/export --data DATASET --out RUNS/scratch --init scratch …
+    python -m medssl.finetune --export RUN/export --data DATASET --out RUNS/pre --dry-run   (network + summary only)
     python -m medssl.finetune report RUNS/pre RUNS/scratch --out report.md
     python -m medssl.finetune predict RUNS/pre --images DIR|FILE --out DIR [--tta no]
 
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                         "left as it is); none: start over (needs --overwrite when --out holds a run)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --resume none: move the previous run into OUT/previous-<time>/ (nothing is deleted)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the data, build the network and load the export's weights without training: print "
+                        "parameters per part and each decoder level's shape for one crop, write OUT/model_summary.json, "
+                        "exit 0")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -125,6 +130,12 @@ def main(argv=None) -> int:
         from .loading import check_export
 
         check_export(cfg, log=lambda *a: None)  # a refused export leaves --out untouched (nothing made or moved)
+        if args.dry_run:
+            from .train import dry_run
+
+            if int(os.environ.get("RANK", 0)) == 0:
+                dry_run(cfg)
+            return 0
         from .train import finetune
 
         finetune(cfg, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)

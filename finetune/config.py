@@ -22,7 +22,10 @@ class FTModelConfig:
     #                     ViTs / unet for multi-scale CNNs | unetr | unet |
     #                     monai_swinunetr | monai_unetr (MONAI networks for MONAI self-supervised weights)
     backbone: str = ""  # registry name; only for `--init scratch` without an export
-    feature_size: int = 16  # UNETR's feature_size (decoder widths feature_size × 1, 2, 4, 8) [Hi-End-MAE downstream]
+    feature_size: int = 32  # decoder widths feature_size × 1, 2, 4, 8 [Hi-End-MAE downstream/main.py, UNETR-BTCV]
+    pos_embed: str = "learned"  # ViTs: learned (a parameter started from the pretrained sin-cos, as the official
+    #                             UNETR's perceptron embedding) | fixed (the sin-cos buffer of pretraining)
+    cls_token: str = "drop"  # ViTs: drop (the official UNETR has none) | keep (the export's cls token stays)
     res_block: bool = True  # residual conv blocks in the decoder, as UNETR's res_block=True
     norm: str = "instance"  # decoder normalisation (MONAI norm name)
     freeze_encoder: bool = False  # linear-probe style: only the decoder learns
@@ -143,6 +146,9 @@ def load_config(overrides: list[str] | None = None, preset: str | None = None, *
                           "process's whole weights); the models it trains fit one GPU")
     if cfg.train.checkpoint_every < 1 or cfg.train.keep_last < 1:
         raise ConfigError("train.checkpoint_every and train.keep_last must be >= 1")
+    if cfg.model.pos_embed not in ("learned", "fixed") or cfg.model.cls_token not in ("drop", "keep"):
+        raise ConfigError(f"model.pos_embed={cfg.model.pos_embed!r} / model.cls_token={cfg.model.cls_token!r}: choose "
+                          "pos_embed learned|fixed and cls_token drop|keep (official UNETR: learned, drop)")
     if not 0.0 < cfg.model.layer_decay <= 1.0:
         raise ConfigError(f"model.layer_decay={cfg.model.layer_decay} must be in (0, 1] (1 = off)")
     if cfg.data.n_val < 0 or not 0.0 <= cfg.data.test_fraction < 1.0:

@@ -223,7 +223,7 @@ def prepare(sources: list[CaseSource], pre: Preprocessing, declared: dict[int, s
 # ----------------------------------------------------------------------------------------- crops
 class CropSampler(torch.utils.data.IterableDataset):
     """Endless training crops: a random training volume per draw, ``crops_per_volume`` crops from it,
-    centred on foreground with probability pos / (pos + neg) (MONAI's ``RandCropByPosNegLabeld``),
+    centred on foreground with probability pos / (pos + neg), else on label 0 (MONAI's ``RandCropByPosNegLabeld``),
     flips / rot90 / intensity scale and shift; batches of ``batch`` crops. Seeded by (seed, rank, worker)."""
 
     def __init__(self, cases: list[Case], window: Window, cfg, batch: int, seed: int, rank: int = 0, start: int = 0):
@@ -246,8 +246,10 @@ class CropSampler(torch.utils.data.IterableDataset):
             for _ in range(self.cfg.crops_per_volume):
                 if len(case.fg) and rng.random() < p_pos:
                     centre = case.fg[rng.integers(len(case.fg))] + shift
-                else:
-                    centre = np.array([rng.integers(0, s) for s in img.shape[1:]])
+                else:  # negatives on label-0 voxels; none (all foreground): on foreground, as MONAI does
+                    centre = _background_centre(lab, rng)
+                    if centre is None:
+                        centre = case.fg[rng.integers(len(case.fg))] + shift
                 o = np.clip(centre - crop // 2, 0, np.array(img.shape[1:]) - crop)
                 sl = (slice(None), *(slice(int(a), int(a + c)) for a, c in zip(o, crop)))
                 ci, cl, _, _ = flip_rot90(self.window.apply(img[sl], case.meta), lab[sl], rng, self.cfg.flip_prob,
@@ -261,6 +263,17 @@ class CropSampler(torch.utils.data.IterableDataset):
                     yield {"image": torch.from_numpy(np.stack([p[0] for p in pending])),  # [B, C, *crop]
                            "label": torch.from_numpy(np.stack([p[1] for p in pending]).astype(np.int64))}  # [B, 1, *crop]
                     pending = []
+
+
+def _background_centre(lab: np.ndarray, rng: np.random.Generator, tries: int = 64) -> np.ndarray | None:
+    """A voxel drawn uniformly among the label-0 voxels of ``lab`` ``[1, X, Y, Z]`` (MONAI's ``bg_indices``):
+    rejection draws, then the exact list when background is scarce; ``None`` when there is none."""
+    for _ in range(tries):
+        c = rng.integers(0, lab.shape[1:])
+        if lab[(0, *c)] == 0:
+            return c
+    bg = np.argwhere(lab[0] == 0)
+    return bg[rng.integers(len(bg))] if len(bg) else None
 
 
 def _pad(img: np.ndarray, lab: np.ndarray, crop: np.ndarray, value: float):

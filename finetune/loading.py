@@ -97,12 +97,16 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
 
     # the crop and channels of this run are checked like the manifest's before the backbone is allocated
     if export is not None:
-        meta_backbone(name, kwargs, str(export / "manifest.json"), "backbone.kwargs",
-                      fix="choose a data.crop_size / model.in_channels within these bounds")
+        where, fix = str(export / "manifest.json"), "choose a data.crop_size / model.in_channels within these bounds"
     else:
-        meta_backbone(name, kwargs, f"model.backbone={name}", "backbone.kwargs",
-                      fix="choose a registered backbone (python -m medssl.pretrain list) and a data.crop_size / "
-                          "model.in_channels within these bounds")
+        where = f"model.backbone={name}"
+        fix = ("choose a registered backbone (python -m medssl.pretrain list) and a data.crop_size / "
+               "model.in_channels within these bounds")
+    pretrained_kwargs = {**kwargs, "in_chans": trained_chans}  # the backbone the export's weights were made for
+    meta = meta_backbone(name, kwargs, where, "backbone.kwargs", fix=fix)
+    if hasattr(meta, "num_prefix_tokens"):  # a ViT: fine-tuned as the official UNETR builds it (config.py)
+        kwargs["cls_token"] = cfg.model.cls_token == "keep" and bool(kwargs.get("cls_token", True))
+        kwargs["pos_embed"] = cfg.model.pos_embed
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(name, **kwargs)
     torch.manual_seed(cfg.train.seed + 1)  # the decoder's init depends on the seed only, not on the backbone
@@ -130,21 +134,48 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
     if component:
         loaded_decoder = _load_component(export, component, decoder, notes, cfg.model.allow_nonfinite, log)
 
-    # the header must fit this backbone as pretrained: the stem with the channels it was trained on
-    expect = {k: (shape[:1] + (trained_chans,) + shape[2:] if k.endswith(STEM_KEYS) else shape)
-              for k, shape in ((k, tuple(t.shape)) for k, t in backbone.state_dict().items())}
+    # the header must fit this backbone as pretrained: the stem with the channels it was trained on, its own
+    # cls token and position embedding
+    expect = {k: tuple(t.shape) for k, t in meta_backbone(name, pretrained_kwargs, str(export / "manifest.json"),
+                                                           "backbone.kwargs", fix=fix).state_dict().items()}
     state = load_state(export, manifest, cfg.model.allow_nonfinite, expect, NONFINITE_FLAG, log=log)
     if in_channels != trained_chans:
         for key in [k for k in state if k.endswith(STEM_KEYS)]:
             state[key] = adapt_in_channels(state[key], in_channels)
         notes.append(f"stem repeated from {trained_chans} to {in_channels} input channel(s)")
+    state, filled, dropped = fit_vit_tokens(backbone, state, notes)
     missing, unexpected, shaped = diff_report(backbone, state)
     if missing or unexpected or shaped:
         raise ExportError(f"{export}: the weights do not fit {name}:\n{format_report(missing, unexpected, shaped)}\n"
                           "(re-export the run, or pass the export that matches this manifest)")
     backbone.load_state_dict(state, strict=True)
-    new = [k for k in dec_keys if k not in loaded_decoder]
-    return model, _report(str(export), bb_keys + loaded_decoder, new, notes=notes), manifest, arch
+    new = [k for k in dec_keys if k not in loaded_decoder] + [f"backbone.{k}" for k in filled]
+    loaded = [k for k in bb_keys if k[len("backbone."):] not in filled]
+    return (model, _report(str(export), loaded + loaded_decoder, new, [f"backbone.{k}" for k in dropped], notes),
+            manifest, arch)
+
+
+def fit_vit_tokens(backbone: torch.nn.Module, state: dict, notes: list) -> tuple[dict, list[str], list[str]]:
+    """The pretrained ViT's tokens → the fine-tuned ViT's: its cls token dropped when the network has none, a
+    learned position embedding started from the sin-cos the export was pretrained with (the backbone was built
+    with it), a learned one the export carries dropped for a fixed network. Other backbones pass through.
+    Returns the state and the keys filled in and dropped."""
+    filled, dropped = [], []
+    if not hasattr(backbone, "num_prefix_tokens"):
+        return state, filled, dropped
+    own = backbone.state_dict()
+    if "cls_token" in state and "cls_token" not in own:
+        dropped.append("cls_token")
+        notes.append("cls token dropped (model.cls_token=drop, as the official UNETR)")
+    if "pos_embed" in own and "pos_embed" not in state:
+        state = {**state, "pos_embed": own["pos_embed"].detach().clone()}
+        filled.append("pos_embed")
+        notes.append("position embedding learned from the pretrained sin-cos (model.pos_embed=learned, as the "
+                     "official UNETR)")
+    elif "pos_embed" in state and "pos_embed" not in own:
+        dropped.append("pos_embed")
+        notes.append("the export's learned position embedding replaced by the fixed sin-cos (model.pos_embed=fixed)")
+    return {k: v for k, v in state.items() if k not in dropped}, filled, dropped
 
 
 def _load_component(export: Path, component: dict, module: torch.nn.Module, notes: list,

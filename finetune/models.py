@@ -1,9 +1,10 @@
 """Segmentation networks around an exported backbone, built from the manifest's feature layout.
 
 * ViT-like backbones (every feature at one stride, the patch size) get a UNETR decoder made of MONAI's
-  UNETR blocks: the image through ``UnetrBasicBlock`` at full resolution, intermediate tokens lifted by
-  ``UnetrPrUpBlock`` to strides 2, 4, 8 …, the final tokens merged back up with ``UnetrUpBlock`` and a
-  ``UnetOutBlock`` head (Hatamizadeh et al. 2022; the Hi-End-MAE downstream network).
+  UNETR blocks: the image through ``UnetrBasicBlock`` at full resolution, three intermediate taps lifted by
+  ``UnetrPrUpBlock`` to 2, 4 and 8 × the token grid, the final tokens merged back up with ``UnetrUpBlock``
+  over four ×2 levels, a resize to the crop when 16 × grid ≠ crop, and a ``UnetOutBlock`` head
+  (Hatamizadeh et al. 2022; the official Hi-End-MAE downstream network for patch 12).
 * Multi-scale backbones (CNN, hybrid: strides that grow) get a UNet decoder of MONAI's ``UnetUpBlock``
   from the deepest feature up, with a full-resolution stem block when the finest feature is strided.
 
@@ -19,60 +20,79 @@ import torch
 from torch import nn
 
 
-def stride_factors(stride: int) -> list[int]:
-    """Up-sampling steps from ``stride`` to 1, fine to coarse: 16 → [2, 2, 2, 2]; 12 → [2, 2, 3]."""
-    out, s = [], int(stride)
-    for p in (2, 3, 5, 7):
-        while s % p == 0 and s > 1:
-            out.append(p)
-            s //= p
-    if s != 1:
-        raise ValueError(f"feature stride {stride} has a prime factor above 7; the decoder up-samples in steps of 2-7")
-    return sorted(out)
+UNETR_LEVELS = 4  # ×2 steps from the token grid, as UNETR (16 = 2^4: patch 16 lands on the crop)
 
 
-def _lift(in_ch: int, out_ch: int, factors: list[int], norm: str, res: bool) -> nn.Module:
-    """Tokens at stride prod(factors) → out_ch channels at stride 1 relative: UNETR's projection chain."""
-    from monai.networks.blocks import UnetrPrUpBlock
+class ResizeUpBlock(nn.Module):
+    """The last UNETR level when 16 × grid ≠ crop (the official Hi-End-MAE patch-12 network's
+    ``UnetrUpBlock_self``): trilinear resize to the crop, a 3³ conv, concatenation with the image's features,
+    and UNETR's conv block."""
 
-    if len(set(factors)) == 1:  # UNETR's block: a transposed conv, then (transposed conv + conv block) × n-1
-        return UnetrPrUpBlock(3, in_ch, out_ch, num_layer=len(factors) - 1, kernel_size=3, stride=1,
-                              upsample_kernel_size=factors[0], norm_name=norm, conv_block=True, res_block=res)
-    steps = [UnetrPrUpBlock(3, in_ch if i == 0 else out_ch, out_ch, num_layer=0, kernel_size=3, stride=1,
-                            upsample_kernel_size=f, norm_name=norm) for i, f in enumerate(reversed(factors))]
-    return nn.Sequential(*steps)  # mixed factors (patch 12): one transposed conv per step
+    def __init__(self, in_ch: int, out_ch: int, norm: str, res_block: bool):
+        super().__init__()
+        from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+
+        self.conv = nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1)
+        block = UnetResBlock if res_block else UnetBasicBlock
+        self.conv_block = block(3, 2 * out_ch, out_ch, kernel_size=3, stride=1, norm_name=norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return self.conv_block(torch.cat([self.conv(x), skip], dim=1))  # [B, out_ch, X, Y, Z]
 
 
 class UNETRDecoder(nn.Module):
-    """UNETR's decoder for features that all sit at one stride (``len(factors)`` levels)."""
+    """UNETR's decoder for features that all sit at one stride (a ViT's token grid g = crop / patch).
+
+    Four ×2 levels from the grid (g → 2g → 4g → 8g → 16g), the skips at 2g, 4g, 8g lifted from the first three
+    taps (blocks 3, 6, 9 of a 12-block ViT) by 0, 1 and 2 extra ``UnetrPrUpBlock`` stages, the image itself
+    through ``UnetrBasicBlock`` at full resolution. When 16 × g equals the crop (patch 16) the last level is
+    UNETR's transposed conv and the network is MONAI's ``UNETR`` parameter for parameter; otherwise (patch 12:
+    8³ → 64³ for a 96³ crop) the last level resizes to the crop and convolves, as the official Hi-End-MAE
+    downstream network (``downstream/models/UNETR/unetr.py``).
+
+    Keys: ``stem`` (encoder1), ``lifts.0-2`` (encoder2-4), ``ups.3-0`` (decoder5-2), ``head`` (out).
+    """
 
     def __init__(self, in_channels: int, tap_channels: list[int], hidden: int, stride: int, out_channels: int,
-                 feature_size: int = 16, norm: str = "instance", res_block: bool = True):
+                 feature_size: int = 32, norm: str = "instance", res_block: bool = True,
+                 crop_size: tuple[int, int, int] | None = None):
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
-        self.factors = stride_factors(stride)  # fine → coarse
-        n = len(self.factors)
+        n = UNETR_LEVELS
         if len(tap_channels) < n - 1:
-            raise ValueError(f"a UNETR decoder over stride {stride} needs {n - 1} intermediate features; the backbone "
-                             f"returns {len(tap_channels)} (raise its out_indices)")
-        # level k (stride prod(factors[:k])) has feature_size·2^k channels; level 0 is the image itself
-        ch = [feature_size * 2 ** k for k in range(n)]
-        self.tap_index = [round(i * (len(tap_channels) - 1) / max(n - 2, 1)) for i in range(n - 1)] if n > 1 else []
+            raise ValueError(f"a UNETR decoder needs {n - 1} intermediate features (UNETR taps blocks 3, 6, 9 of 12); "
+                             f"the backbone returns {len(tap_channels)}: build it with out_indices of {n - 1} blocks")
+        self.stride = int(stride)
+        # the resize level is chosen from the crop the network is built for (None: the transposed conv)
+        self.resize = crop_size is not None and any(int(c) != 2 ** n * (int(c) // self.stride) for c in crop_size)
+        ch = [feature_size * 2 ** k for k in range(n)]  # level k (2^(n-k) × g, k = 0 is the crop) has ch[k] channels
+        self.tap_index = [round(i * (len(tap_channels) - 1) / (n - 2)) for i in range(n - 1)]  # 3 of 3 taps: 0, 1, 2
         self.stem = UnetrBasicBlock(3, in_channels, ch[0], kernel_size=3, stride=1, norm_name=norm, res_block=res_block)
-        self.lifts = nn.ModuleList(_lift(tap_channels[self.tap_index[k - 1]], ch[k], self.factors[k:], norm, res_block)
-                                   for k in range(1, n))
-        self.ups = nn.ModuleList(UnetrUpBlock(3, hidden if k == n - 1 else ch[k + 1], ch[k], kernel_size=3,
-                                              upsample_kernel_size=self.factors[k], norm_name=norm, res_block=res_block)
-                                 for k in range(n))
+        # skip k (k = 1..3) sits at 2^(n-k) × g: a transposed conv and n-1-k more up-conv stages (2, 1, 0)
+        self.lifts = nn.ModuleList(
+            UnetrPrUpBlock(3, tap_channels[self.tap_index[k - 1]], ch[k], num_layer=n - 1 - k, kernel_size=3, stride=1,
+                           upsample_kernel_size=2, norm_name=norm, conv_block=True, res_block=res_block)
+            for k in range(1, n))
+        self.ups = nn.ModuleList(
+            ResizeUpBlock(ch[1], ch[0], norm, res_block) if k == 0 and self.resize else
+            UnetrUpBlock(3, hidden if k == n - 1 else ch[k + 1], ch[k], kernel_size=3, upsample_kernel_size=2,
+                         norm_name=norm, res_block=res_block)
+            for k in range(n))
         self.head = UnetOutBlock(3, ch[0], out_channels)
+
+    def summary_levels(self) -> list[tuple[str, nn.Module]]:
+        """The modules whose outputs are the decoder's levels, coarse to fine (for summaries)."""
+        return ([("stem", self.stem)] + [(f"lifts.{k}", m) for k, m in enumerate(self.lifts)][::-1]
+                + [(f"ups.{k}", m) for k, m in reversed(list(enumerate(self.ups)))] + [("head", self.head)])
 
     def forward(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         taps, deep = feats[:-1], feats[-1]  # each [B, D, g0, g1, g2]
         skips = [self.stem(x)] + [lift(taps[i]) for lift, i in zip(self.lifts, self.tap_index)]
         y = deep
         for k in reversed(range(len(self.ups))):
-            y = self.ups[k](y, skips[k])  # [B, ch[k], X / stride_k, …]
+            y = self.ups[k](y, skips[k])  # [B, ch[k], 2^(n-k) × g …]; k = 0: the crop
         return self.head(y)  # [B, K, X, Y, Z]
 
 
@@ -102,6 +122,11 @@ class UNetDecoder(nn.Module):
                                         upsample_kernel_size=ratio, norm_name=norm))
         self.head = UnetOutBlock(3, self.chans[0], out_channels)
         self.final_stride = steps[0]
+
+    def summary_levels(self) -> list[tuple[str, nn.Module]]:
+        """The modules whose outputs are the decoder's levels, coarse to fine (for summaries)."""
+        return ([("stem", self.stem)] if self.has_stem else []) + [
+            (f"ups.{k}", m) for k, m in reversed(list(enumerate(self.ups)))] + [("head", self.head)]
 
     def forward(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         skips = ([self.stem(x)] if self.has_stem else []) + list(feats)
@@ -143,7 +168,7 @@ def make_decoder(backbone: nn.Module, arch: str, in_channels: int, out_channels:
         if len(set(strides)) != 1:
             raise ValueError(f"model.arch=unetr needs features at one stride; this backbone gives {strides} (use unet)")
         return arch, UNETRDecoder(in_channels, chans[:-1], chans[-1], strides[0], out_channels, m.feature_size, m.norm,
-                                  m.res_block)
+                                  m.res_block, crop_size=tuple(getattr(backbone, "img_size", ())) or None)
     if arch == "unet":
         return arch, UNetDecoder(in_channels, chans, strides, out_channels, m.feature_size, m.norm, m.res_block)
     raise ValueError(f"model.arch={arch!r} does not fit a medssl backbone: choose auto, unetr or unet")

@@ -68,6 +68,48 @@ def _dice_line(step: int, total: int, score: float, per_class: dict, best: dict)
             f"{best['step']}")
 
 
+def dry_run(cfg) -> dict:
+    """``--dry-run``: the dataset discovered and split, the first training volume prepared (its channels; the classes
+    from dataset.json, else that volume's labels), the network built and the export's weights loaded as a real run
+    would, then parameters per part and each decoder level's shape for one crop (``pretrain.summary``), written as
+    ``OUT/model_summary.json``. Nothing else is written; nothing is trained."""
+    from medssl.pretrain.summary import SUMMARY_FILE, summarize, summary_text
+
+    from . import data as D
+    from .loading import build
+
+    manifest = None
+    if cfg.export and Path(cfg.export).is_dir():
+        from medssl.pretrain.export import read_manifest
+
+        manifest = read_manifest(cfg.export)
+    pre = D.preprocessing(manifest, cfg)
+    sources, declared = D.discover(cfg.dataset, cfg.data.labels)
+    split = D.split_cases([s.key for s in sources], cfg.data.n_val, cfg.data.test_fraction, cfg.data.n_train,
+                          cfg.data.split_seed)
+    first = D.prepare([next(s for s in sources if s.key == split["train"][0])], pre, declared, False)[0]
+    classes = declared or {0: "background", **{int(v): f"class{int(v)}" for v in np.unique(first.label) if v}}
+    n_classes = max(classes) + 1
+    in_ch = cfg.model.in_channels or int(first.image.shape[0])
+    notes: list[str] = []
+    model, report, _, arch = build(cfg, in_ch, n_classes, log=notes.append)
+    levels = [(f"decoder.{n}", m) for n, m in getattr(model.decoder, "summary_levels", lambda: [])()] \
+        if hasattr(model, "decoder") else []
+    crop = [int(c) for c in cfg.data.crop_size]
+    summary = summarize(model, levels, model, [1, in_ch, *crop], cfg.out, kind="finetune", init=cfg.init,
+                        export=cfg.export, backbone=getattr(model, "backbone_name", arch), arch=arch,
+                        classes={str(k): v for k, v in classes.items()},
+                        split={k: len(v) for k, v in split.items() if isinstance(v, list)}, load_report=report.to_dict(),
+                        config_hash=cfg.hash())
+    print(f"data: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test volumes of "
+          f"{cfg.dataset}; {n_classes - 1} foreground classes; {in_ch} input channel(s)"
+          + ("" if declared else " (classes found in the first training volume)"))
+    print(f"model: {getattr(model, 'backbone_name', arch)} + {arch} decoder; init {cfg.init}\n{report.summary()}")
+    print(summary_text(summary))
+    print(f"dry run: nothing trained; wrote {Path(cfg.out) / SUMMARY_FILE}")
+    return summary
+
+
 def finetune(cfg, progress: bool = True, resume: str = "auto", overwrite: bool = False) -> dict:
     """Run one fine-tuning job (call on every process); returns the metrics rank 0 wrote.
 

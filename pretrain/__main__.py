@@ -2,6 +2,7 @@
 
     python -m medssl.pretrain [train] RECIPE [section.key=value …] --shards DIR [DIR …] --out RUN [--steps N] [--preset tiny]
     python -m medssl.pretrain RECIPE [--preset tiny] [section.key=value …] --print-config
+    python -m medssl.pretrain RECIPE [--preset tiny] [section.key=value …] [--shards DIR] [--out RUN] --dry-run
     python -m medssl.pretrain export RUN_DIR [--tag stepNNNNNNNN] [--out DIR]
     python -m medssl.pretrain import hi_end_mae CHECKPOINT --out DIR
     python -m medssl.pretrain list
@@ -71,6 +72,10 @@ def _train_parser() -> argparse.ArgumentParser:
                                               "scheduler blocks: those come from optim.*)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML, presets and overrides applied) and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model and check the config (and --shards, --out when given) without training: "
+                        "print parameters per part and each decoder level's shape for one crop, write "
+                        "OUT/model_summary.json, exit 0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar; plain lines every train.log_every steps")
     p.add_argument("--verbose", action="store_true", help="show DeepSpeed's and torch's start-up messages "
                                                           "(also MEDSSL_DEBUG=1)")
@@ -224,6 +229,53 @@ def resolve(args) -> tuple:
     return cfg, ds_user, plan
 
 
+def dry_run(args) -> int:
+    """``--dry-run``: the checks a launch makes (with ``--shards``/``--out``: the shard sets and the run folder
+    too), the task built for real on the CPU, then :func:`pretrain.summary.summarize`. Trains nothing."""
+    import torch
+
+    from .backbones import build_backbone
+    from .config import load_config, set_dotted, task_class
+    from .engine import check_batch, deepspeed_config, launcher_world_size, read_deepspeed_json
+    from .summary import SUMMARY_FILE, summarize, summary_text
+
+    if args.shards and args.out:
+        cfg, _, plan = resolve(args)
+        notes = [f"shards: {plan.data['volumes']} volumes of {plan.data['channels']} channel(s) in "
+                 f"{len(plan.data['sets'])} set(s); run folder: "
+                 + ("resumes" if plan.resume == "auto" and (Path(cfg.out) / "config.yaml").is_file() else "new run")]
+    else:
+        cfg = load_config(args.recipe, args.overrides, args.preset)
+        if args.steps is not None:
+            set_dotted(cfg, "train.steps", args.steps)
+        world = launcher_world_size()
+        check_batch(cfg, world)
+        ds_user = read_deepspeed_json(args.deepspeed_config) if args.deepspeed_config else None
+        deepspeed_config(cfg, world, torch.device("cuda" if torch.cuda.is_available() else "cpu"), ds_user)
+        notes = ["shards and run folder not checked (pass --shards and --out)"]
+    if int(os.environ.get("RANK", 0)) != 0:  # under a launcher: one summary
+        return 0
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
+    task = task_class(cfg.recipe)(backbone, cfg.task)
+    in_chans = int(getattr(backbone, "in_chans", None) or backbone.config.get("in_chans", 1))
+    levels = task.summary_levels() if hasattr(task, "summary_levels") else []
+    run = task.trace if hasattr(task, "trace") else None
+    summary = summarize(task, levels if run else [], run, [1, in_chans, *cfg.data.crop_size],
+                        args.out, kind="pretrain", recipe=cfg.recipe, backbone=cfg.model.backbone,
+                        config_hash=cfg.hash(),
+                        batch={"micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
+                               "crops_per_volume": cfg.data.crops_per_volume}, notes=notes)
+    print(f"{cfg.recipe}: {cfg.model.backbone} on {list(cfg.data.crop_size)} crops, {cfg.train.micro_batch} per "
+          f"process per step × grad_accum {cfg.train.grad_accum}, lr {cfg.optim.lr:g}")
+    print(summary_text(summary))
+    for note in notes:
+        print(note)
+    where = f"; wrote {Path(args.out) / SUMMARY_FILE}" if args.out else " (pass --out to write model_summary.json)"
+    print(f"dry run: nothing trained{where}")
+    return 0
+
+
 def list_command() -> int:
     """Recipes (first comment line of the YAML, presets) and backbones (parameter counts, built on meta)."""
     import torch
@@ -324,6 +376,11 @@ def main(argv=None) -> int:
         cfg.out = args.out or ""
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    if args.dry_run:
+        try:
+            return dry_run(args)
+        except (ValueError, KeyError) as exc:
+            return _error(exc.args[0] if isinstance(exc, KeyError) else str(exc))
     missing = [flag for flag, v in (("--shards", args.shards), ("--out", args.out)) if not v]
     if missing:
         parser.print_usage(sys.stderr)

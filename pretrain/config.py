@@ -40,8 +40,12 @@ class DataConfig:
     window_ct: list = field(default_factory=lambda: [-175.0, 250.0])  # HU window of the official recipes
     window_out: list = field(default_factory=lambda: [0.0, 1.0])
     pos_fraction: float = 0.75
+    negatives: str = "background"  # crops not on the body: background-centred (RandCropByPosNegLabeld) | uniform
     flip_prob: float = 0.5
     rot90_prob: float = 0.3
+    intensity_prob: float = 0.0  # RandScale/ShiftIntensityd per crop (Hi-End-MAE: 0.1, set in its recipe)
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
     shuffle_buffer: int = 4
     pool_size: int = 4
 

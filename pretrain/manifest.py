@@ -138,6 +138,7 @@ BACKBONE_KWARGS: dict[str, Field] = {
     "drop_path_rate": Field("number", lo=0.0, hi=1.0, required=False),
     "out_indices": _ints(0, 127, (0, 128), required=False),
     "cls_token": Field("bool", required=False),
+    "pos_embed": Field("str", required=False, choices=("fixed", "learned")),
     "channels": _ints(1, 8192, (1, 12), required=False),
     "blocks_per_level": _int(lo=1, hi=32, required=False),
     "convs_per_block": _int(lo=1, hi=8, required=False),
@@ -153,6 +154,13 @@ DECODER_KWARGS: dict[str, dict[str, Field]] = {
         "blocks_per_level": _int(lo=1, hi=32, required=False),
         "convs_per_block": _int(lo=1, hi=8, required=False),
         "dropout": Field("probs", lo=0.0, hi=1.0, length=(1, 12), required=False),
+    },
+    "fmunet": {
+        "feature_channels": _ints(1, 8192, (1, 12)),
+        "feature_strides": _ints(1, 4096, (1, 12)),
+        "out_channels": _int(lo=1, hi=1024),
+        "blocks_per_level": _int(lo=1, hi=32, required=False),
+        "dropout": Field("probs", lo=0.0, hi=1.0, length=(1, 12), required=False, null=True),
     },
 }
 

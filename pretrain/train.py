@@ -24,12 +24,14 @@ from .config import RunConfig
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup from 0, then cosine to ``min_lr`` at the last step, or (``optim.schedule=step``)
+    """Linear warmup from 0 (the first step's lr is 0, as the official per-iteration schedules: Hi-End-MAE's
+    ``lr × epoch / warmup_epochs`` with a fractional epoch, MONAI's LinearWarmupCosineAnnealingLR from
+    ``warmup_start_lr`` 0), then cosine to ``min_lr`` at the last step, or (``optim.schedule=step``)
     ``lr × step_gamma^⌊step / step_every⌋`` (updated every step)."""
     o, total = cfg.optim, max(1, cfg.train.steps)
     warmup = int(round(o.warmup_fraction * total))
     if warmup and step < warmup:
-        return o.lr * (step + 1) / warmup
+        return o.lr * step / warmup
     if getattr(o, "schedule", "cosine") == "step":
         return o.lr * o.step_gamma ** (step // max(1, o.step_every))
     progress = (step - warmup) / max(1, total - warmup)
@@ -133,9 +135,10 @@ def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
     d = cfg.data
     sc = StreamConfig(crop_size=tuple(d.crop_size), crops_per_volume=d.crops_per_volume, batch_size=cfg.train.micro_batch,
                       num_workers=d.num_workers, mode="train", seed=seed, shuffle_buffer=d.shuffle_buffer,
-                      pool_size=d.pool_size, pos_fraction=d.pos_fraction,
+                      pool_size=d.pool_size, pos_fraction=d.pos_fraction, negatives=d.negatives,
                       window=Window(ct=tuple(d.window_ct), out=tuple(d.window_out)),
-                      flip_prob=d.flip_prob, rot90_prob=d.rot90_prob, labels=False)
+                      flip_prob=d.flip_prob, rot90_prob=d.rot90_prob, intensity_prob=d.intensity_prob,
+                      intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift, labels=False)
     return shards.stream(d.shards, sc, rank=env.rank, world_size=env.world_size)
 
 

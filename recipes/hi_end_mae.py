@@ -243,6 +243,19 @@ class HiEndMAE(nn.Module):
             h = blk(h, proj(feats[i]))  # keys/values: that level's cls + visible tokens [B, P + K, d]
         return self.head(self.decoder_norm(h))[:, P:]  # [B, L, p³·C]
 
+    def summary_levels(self) -> list[tuple[str, nn.Module]]:
+        """The encoder's output and each decoder stage, for ``--dry-run`` (traced through :meth:`trace`)."""
+        return ([("backbone.norm", self.backbone.norm), ("final_proj", self.final_proj)]
+                + [(f"self_blocks.{i}", b) for i, b in enumerate(self.self_blocks)]
+                + [(f"cross_blocks.{i} (block {blk} taps)", b)
+                   for i, (b, blk) in enumerate(zip(self.cross_blocks, self.tap_blocks))]
+                + [("head", self.head)])
+
+    def trace(self, x: Tensor) -> Tensor:
+        """Masking, encoder and decoder on ``x`` without the loss: what ``--dry-run`` runs on the meta device."""
+        keep, _, _ = self.random_masking(x.shape[0], self.backbone.num_patches, self.cfg.mask_ratio, device=x.device)
+        return self.predict(x, keep)
+
     def _check_input(self, x: Tensor) -> None:
         want = (self.in_chans, *self.backbone.img_size)
         if x.dim() != 5 or tuple(x.shape[1:]) != want:

@@ -11,8 +11,8 @@ Per sample, on the training device and vectorised over the batch (no per-sample 
    to the view, resized back with trilinear interpolation) — the foreground and background sub-volumes
    [PyMIC ``crop4vf.random_resized_crop``];
 2. each flipped on each axis (p 0.5), contrast-mapped (piecewise linear: below the p0 percentile →
-   0–0.1, p0–p1 → 0.1–0.9, above p1 → 0.9–1, p0 ~ U(0.1, 2), p1 ~ U(98, 99.9)), gamma U(0.7, 1.5), and
-   with p 0.25 both inverted [``Crop4VolumeFusion`` augmentation mode 3];
+   0–0.1, p0–p1 → 0.1–0.9, above p1 → 0.9–1, p0 ~ U(0.1, 2), p1 ~ U(98, 99.9)), gamma U(0.7, 1.5) within
+   the sample's own [min, max], and with p 0.25 both inverted [``Crop4VolumeFusion`` augmentation mode 3];
 3. fusion: ``grid`` — one block size per volume, whole blocks tiling a grid with a random offset,
    ⌊0.7·N⌋ of them fused with a random class [``VolumeFusion``]; ``batch`` — a random number of random
    boxes (later ones overwrite earlier ones), the foreground taken from the previous sample of the batch
@@ -57,7 +57,7 @@ class VolumeFusionConfig:
     out_range: list = field(default_factory=lambda: [-1.0, 1.0])  # augmented views mapped onto the window's range
     dice_weight: float = 0.5  # PyMIC loss [DiceLoss, CrossEntropyLoss] weights [0.5, 0.5]
     ce_weight: float = 0.5
-    decoder: str = "unet3d"  # registered decoder (pretrain.registry.DECODERS)
+    decoder: str = "fmunet"  # registered decoder (pretrain.registry.DECODERS): FMUNet's [fmunet]
     decoder_kwargs: dict = field(default_factory=dict)
 
 
@@ -112,6 +112,18 @@ def contrast_map(x: Tensor, q0: Tensor, q1: Tensor) -> Tensor:
     return torch.where(x < v0, low, torch.where(x < v1, mid, top)).clamp(0.0, 1.0)
 
 
+def gamma_correction(x: Tensor, gamma: Tensor) -> Tensor:
+    """Per sample: x rescaled to [0, 1] by its own min and max, raised to ``gamma`` (``[B]``), scaled back
+    [PyMIC ``intensity.gamma_correction``]; a constant sample is left unchanged."""
+    flat = x.flatten(1)  # [B, N]
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    lo, hi = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
+    span = hi - lo
+    varies = span > 0
+    u = ((x - lo) / torch.where(varies, span, torch.ones_like(span))).clamp(0.0, 1.0)
+    return torch.where(varies, u.pow(gamma.view(shape)) * span + lo, x)
+
+
 def augment_pair(fg: Tensor, bg: Tensor, cfg: VolumeFusionConfig, gen: torch.Generator | None = None):
     """Flips, contrast map, gamma for each sub-volume; both inverted together with ``invert_prob``; then
     the [0, 1] result mapped onto ``cfg.out_range``."""
@@ -124,7 +136,7 @@ def augment_pair(fg: Tensor, bg: Tensor, cfg: VolumeFusionConfig, gen: torch.Gen
     for x in (fg, bg):
         x = random_flips(x, cfg.flip_prob, gen)
         x = contrast_map(x, uni(cfg.p0), uni(cfg.p1))
-        x = x.pow(uni(cfg.gamma).view(-1, 1, 1, 1, 1))
+        x = gamma_correction(x, uni(cfg.gamma))
         out.append(x)
     inv = (torch.rand(b, generator=gen, device=dev) < cfg.invert_prob).view(-1, 1, 1, 1, 1)
     lo, hi = cfg.out_range
@@ -251,6 +263,18 @@ class VolumeFusion(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         return self.decoder(self.backbone.forward_features(x))  # [B, K + 1, *P]
+
+    def summary_levels(self) -> list[tuple[str, nn.Module]]:
+        """Encoder and decoder levels for ``--dry-run`` (traced through :meth:`trace`)."""
+        enc = [(f"backbone.stages.{i}", st.blocks) for i, st in enumerate(self.backbone.stages)] \
+            if hasattr(self.backbone, "stages") else []
+        dec = getattr(self.decoder, "summary_levels", lambda: [])()
+        return enc + [(f"decoder.{n}", m) for n, m in dec]
+
+    def trace(self, view: Tensor) -> Tensor:
+        """The network on one fused patch shaped from a streamed view ``[B, C, *V]`` (no augmentation, no loss):
+        what ``--dry-run`` runs on the meta device."""
+        return self.logits(view.new_empty(view.shape[0], view.shape[1], *self.cfg.patch_size))
 
     def forward(self, batch: dict) -> dict:
         x, lab, _, _ = self.make_inputs(batch["image"])

@@ -1,4 +1,4 @@
-"""Crop sampling, intensity windows and flips/rot90 for the stream.
+"""Crop sampling, intensity windows, flips/rot90 and intensity jitter for the stream.
 
 Kept apart from the stream's plumbing so that the same steps can later run on the training device
 (a pool of decoded volumes on the GPU) without the recipes noticing: each function takes arrays and a
@@ -73,32 +73,62 @@ def pad_to(vol: np.ndarray, crop: tuple[int, int, int], value) -> tuple[np.ndarr
     return np.pad(vol, widths, mode="constant", constant_values=value), before
 
 
-def foreground_points(vol: np.ndarray, threshold, stride: int = 4) -> np.ndarray:
-    """Coordinates ``[N, 3]`` of voxels above ``threshold`` (one value, or one per channel) on a
-    ``stride`` grid, in any channel."""
+def body_points(vol: np.ndarray, threshold, stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates ``[N, 3]`` on a ``stride`` grid of the foreground (above ``threshold``, one value or one
+    per channel, in any channel) and of the background (the rest), from one pass over the strided volume."""
     sub = vol[:, ::stride, ::stride, ::stride]  # [C, X/s, Y/s, Z/s]
     thr = np.asarray(threshold, dtype=np.float64).reshape(-1, 1, 1, 1) if np.ndim(threshold) else threshold
-    return np.argwhere((sub > thr).any(axis=0)) * stride
+    body = (sub > thr).any(axis=0)
+    return np.argwhere(body) * stride, np.argwhere(~body) * stride
+
+
+def foreground_points(vol: np.ndarray, threshold, stride: int = 4) -> np.ndarray:
+    """The foreground half of :func:`body_points`."""
+    return body_points(vol, threshold, stride)[0]
 
 
 def sample_origins(shape, crop, fg: np.ndarray, pos_fraction: float, n: int, rng: np.random.Generator,
-                   stride: int = 4) -> np.ndarray:
+                   stride: int = 4, bg: np.ndarray | None = None) -> np.ndarray:
     """``n`` crop origins ``[n, 3]`` in a volume of spatial ``shape``.
 
-    A fraction ``pos_fraction`` of crops is centred on a foreground point (jittered within its stride
-    cell), the rest is uniform — the role of MONAI's ``RandCropByPosNegLabeld`` with the image as label
-    in the official recipes (pos 6 / neg 2 → 0.75). Crops always lie inside the (padded) volume.
+    MONAI's ``RandCropByPosNegLabeld`` with the image as label, as in the official recipes (pos 6 / neg 2
+    → 0.75): each crop is centred on a foreground point with probability ``pos_fraction``, else on a
+    background point ``bg`` (either jittered within its stride cell), then moved so that the crop lies
+    inside the (padded) volume (``correct_crop_centers``). Without background points every crop is centred
+    on foreground, and the reverse (MONAI warns and does the same); ``bg=None`` (not looked for) or no
+    point at all: negatives are uniform over the volume.
     """
     shape, crop = np.asarray(shape), np.asarray(crop)
     hi = shape - crop  # inclusive upper bound of an origin
+    if bg is None:
+        bg, p = np.zeros((0, 3), np.int64), (pos_fraction if len(fg) else 0.0)
+    else:
+        p = 0.0 if not len(fg) else 1.0 if not len(bg) else pos_fraction
     out = np.empty((n, 3), dtype=np.int64)
     for i in range(n):
-        if len(fg) and rng.random() < pos_fraction:
-            centre = fg[rng.integers(len(fg))] + rng.integers(0, stride, size=3)
+        points = fg if rng.random() < p else bg
+        if len(points):
+            centre = np.minimum(points[rng.integers(len(points))] + rng.integers(0, stride, size=3), shape - 1)
             out[i] = np.clip(centre - crop // 2, 0, hi)
         else:
             out[i] = [rng.integers(0, h + 1) for h in hi]
     return out
+
+
+def intensity_jitter(img: np.ndarray, rng: np.random.Generator, prob: float, scale: float,
+                     shift: float) -> tuple[np.ndarray, float, float]:
+    """MONAI's ``RandScaleIntensity(factors=scale, prob)`` then ``RandShiftIntensity(offsets=shift, prob)`` on a
+    whole crop: ``x * (1 + f)``, ``f ~ U(-scale, scale)``, then ``+ o``, ``o ~ U(-shift, shift)``, each with its
+    own draw of ``prob``. Works in place on float32 ``img``; returns it, the factor ``1 + f`` and the offset ``o``
+    (1 and 0 when not drawn)."""
+    factor, offset = np.float32(1.0), np.float32(0.0)
+    if rng.random() < prob:
+        factor = np.float32(1.0 + rng.uniform(-scale, scale))
+        img *= factor
+    if rng.random() < prob:
+        offset = np.float32(rng.uniform(-shift, shift))
+        img += offset
+    return img, float(factor), float(offset)
 
 
 def flip_rot90(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator, flip_prob: float,

@@ -21,8 +21,9 @@ Assignment
 
 Per worker
     raw samples → shuffle buffer (training) → decode + checksum → pool of ``pool_size`` decoded
-    volumes → ``crops_per_volume`` crops each (decode once, crop many), biased toward the body →
-    padding of small volumes → intensity window → flips/rot90 → batches ``[B, C, X, Y, Z]``.
+    volumes → ``crops_per_volume`` crops each (decode once, crop many), centred on the body or on the
+    background → padding of small volumes → intensity window → flips/rot90 → intensity scale and shift
+    (training) → batches ``[B, C, X, Y, Z]``.
     Every random draw comes from generators seeded by ``(seed, rank, worker, epoch, volume)``, so a
     run is reproducible and a volume's crops do not depend on what else was in the pool.
 
@@ -61,7 +62,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .crops import Window, flip_rot90, foreground_points, pad_to, sample_origins
+from .crops import Window, body_points, flip_rot90, intensity_jitter, pad_to, sample_origins
 from .format import CorruptSample, decode_sample
 from .slots import STATE_VERSION, _ErrorLog, _TrainVolumes, check_state, merge_error_counts  # noqa: F401 (re-exported)
 from .verify import iter_tar, load_index
@@ -79,10 +80,14 @@ class StreamConfig:
     seed: int = 0
     shuffle_buffer: int = 4  # raw (undecoded) samples per worker
     pool_size: int = 4  # decoded volumes per worker that crops are drawn from
-    pos_fraction: float = 0.75  # share of crops centred on voxels above the window's lower bound
+    pos_fraction: float = 0.75  # share of crops centred on voxels above the window's lower bound, the rest below it
+    negatives: str = "background"  # the other crops: centred on background (MONAI RandCropByPosNegLabeld) | uniform
     window: Window = field(default_factory=Window)
     flip_prob: float = 0.0  # per spatial axis
     rot90_prob: float = 0.0  # quarter turns in the X–Y plane
+    intensity_prob: float = 0.0  # training crops, after the window: x (1 + U(±scale)), then + U(±shift), each at p
+    intensity_scale: float = 0.1  # RandScaleIntensityd factors
+    intensity_shift: float = 0.1  # RandShiftIntensityd offsets
     labels: bool = True  # return label crops when the shards carry them
     check: bool = True  # verify each voxel member's CRC-32 when reading
     samples_per_epoch: int | None = None  # volumes per epoch over all ranks; default: all of them
@@ -106,6 +111,12 @@ class StreamConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if self.negatives not in ("background", "uniform"):
+            raise ValueError(f"negatives={self.negatives!r} must be 'background' (centred below the window's floor, as "
+                             "MONAI's RandCropByPosNegLabeld) or 'uniform' (anywhere in the volume)")
+        if not 0.0 <= self.intensity_prob <= 1.0 or min(self.intensity_scale, self.intensity_shift) < 0:
+            raise ValueError(f"intensity_prob={self.intensity_prob} must be in [0, 1] and intensity_scale="
+                             f"{self.intensity_scale}, intensity_shift={self.intensity_shift} at least 0")
         if not self.timeout > 0:
             raise ValueError(f"timeout={self.timeout} must be a positive number of seconds")
 
@@ -287,8 +298,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         if saved is not None:
             origins = np.asarray(saved["origins"], dtype=np.int64).reshape(-1, 3)
         else:
-            fg = foreground_points(image, lo) if cfg.pos_fraction > 0 else np.zeros((0, 3), np.int64)
-            origins = sample_origins(image.shape[1:], cfg.crop_size, fg, cfg.pos_fraction, cfg.crops_per_volume, rng)
+            fg, bg = body_points(image, lo)
+            origins = sample_origins(image.shape[1:], cfg.crop_size, fg, cfg.pos_fraction, cfg.crops_per_volume, rng,
+                                     bg=bg if cfg.negatives == "background" else None)
         entry.update(image=image, label=label, pad=pad, origins=origins)
         return entry
 
@@ -304,12 +316,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         flips, k = np.zeros(3, bool), 0
         if cfg.mode == "train" and (cfg.flip_prob > 0 or cfg.rot90_prob > 0):
             img, lab, flips, k = flip_rot90(img, lab, entry["rng"], cfg.flip_prob, cfg.rot90_prob)
+        img = cfg.window.apply(img, entry["meta"])
+        jitter = (1.0, 0.0)
+        if cfg.mode == "train" and cfg.intensity_prob > 0:
+            img, *jitter = intensity_jitter(img, entry["rng"], cfg.intensity_prob, cfg.intensity_scale,
+                                            cfg.intensity_shift)
         out = {
-            "image": torch.from_numpy(cfg.window.apply(img, entry["meta"])),
+            "image": torch.from_numpy(img),
             "key": entry["meta"].get("key", ""),
             "origin": torch.from_numpy(o - entry["pad"]),  # in stored-volume voxels (negative: padding)
             "flip": torch.from_numpy(flips.copy()),
             "rot90": k,
+            "intensity": torch.tensor(jitter, dtype=torch.float32),  # image = windowed * factor + offset
         }
         if lab is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(lab))
@@ -404,12 +422,14 @@ def _collate(samples: list[dict]) -> dict:
     batch["origin"] = stack([s["origin"] for s in real])
     batch["flip"] = stack([s["flip"] for s in real])
     batch["rot90"] = torch.tensor([s["rot90"] for s in real])
+    batch["intensity"] = stack([s["intensity"] for s in real])
     return batch
 
 
 class ShardLoader:
     """Iterable over batches (dicts with ``image`` ``[B, C, X, Y, Z]`` float32, ``label`` ``[B, 1, X, Y, Z]``
-    uint8 when present, ``key``, ``origin``, ``flip``, ``rot90``), with a resume state and error counts."""
+    uint8 when present, ``key``, ``origin``, ``flip``, ``rot90``, ``intensity`` ``[B, 2]`` = jitter factor and
+    offset), with a resume state and error counts."""
 
     def __init__(self, dataset: ShardStream):
         self.dataset = dataset

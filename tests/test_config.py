@@ -74,8 +74,9 @@ def test_batch_must_add_up_over_the_world():
 def test_warmup_then_cosine():
     cfg = load_config("hi_end_mae", ["train.steps=1000", "optim.warmup_fraction=0.1", "optim.lr=1e-3",
                                      "optim.min_lr=1e-5"])
-    assert lr_at(0, cfg) == pytest.approx(1e-3 / 100)
-    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(0, cfg) == 0.0, "warm-up starts from 0, as the official schedules"
+    assert lr_at(50, cfg) == pytest.approx(1e-3 / 2) and lr_at(99, cfg) == pytest.approx(1e-3 * 99 / 100)
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
     mid = 100 + 450
     assert lr_at(mid, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(1000, cfg) == pytest.approx(1e-5)

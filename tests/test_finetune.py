@@ -18,7 +18,7 @@ import torch
 from medssl.finetune import data as D
 from medssl.finetune.config import load_config
 from medssl.finetune.evaluate import dice_per_class, resample_to_original
-from medssl.finetune.models import SegmentationNet, UNetDecoder, make_decoder, param_groups, stride_factors
+from medssl.finetune.models import SegmentationNet, UNetDecoder, make_decoder, param_groups
 from medssl.pretrain.export import ExportError, write_export
 from medssl.shards.errors import InputError
 
@@ -116,22 +116,6 @@ def test_crops_fit_and_pos_crops_hold_foreground(phantoms):
 
 
 # ----------------------------------------------------------------------------------------- models
-def test_stride_factors():
-    assert stride_factors(16) == [2, 2, 2, 2] and stride_factors(12) == [2, 2, 3] and stride_factors(8) == [2, 2, 2]
-
-
-@pytest.mark.parametrize("patch,crop", [(16, 32), (12, 24), (8, 32)])
-def test_unetr_decoder_shapes(patch, crop):
-    from medssl.pretrain.backbones import build_backbone
-
-    cfg = load_config([], "tiny")
-    bb = build_backbone("vit3d_tiny_p16", img_size=[crop] * 3, patch_size=patch, in_chans=2)
-    arch, dec = make_decoder(bb, "auto", 2, 5, cfg)
-    net = SegmentationNet(bb, dec)
-    assert arch == "unetr"
-    assert net(torch.randn(2, 2, crop, crop, crop)).shape == (2, 5, crop, crop, crop)
-
-
 class _TinyCNN(torch.nn.Module):
     """A multi-scale stand-in encoder (strides 2, 4, 8) that follows the backbone contract."""
 
@@ -189,9 +173,19 @@ def test_export_loads_every_backbone_key_and_reports_the_decoder_new(export):
 
     model, report, manifest, arch = build(_cfg(export), in_channels=1, out_channels=7)
     weights = load_file(str(export / "backbone.safetensors"))
-    assert sorted(report.loaded) == sorted(f"backbone.{k}" for k in weights)
-    assert sorted(report.new) == sorted(f"decoder.{k}" for k in model.decoder.state_dict())
-    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in weights.items())
+    # the official UNETR's ViT: no cls token, a learned position embedding started from the pretrained sin-cos
+    assert "cls_token" in weights and report.dropped == ["backbone.cls_token"]
+    assert sorted(report.loaded) == sorted(f"backbone.{k}" for k in weights if k != "cls_token")
+    assert sorted(report.new) == sorted([f"decoder.{k}" for k in model.decoder.state_dict()] + ["backbone.pos_embed"])
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in weights.items() if k != "cls_token")
+    bb = model.backbone
+    assert bb.cls_token is None and isinstance(bb.pos_embed, torch.nn.Parameter)
+    from medssl.pretrain.backbones.vit3d import sincos_pos_embed_3d
+
+    torch.testing.assert_close(bb.pos_embed.detach()[0], sincos_pos_embed_3d(bb.grid_size, bb.embed_dim))
+    kept, rep_kept, _, _ = build(_cfg(export, **{"model.pos_embed": "fixed", "model.cls_token": "keep"}), 1, 7)
+    assert sorted(rep_kept.loaded) == sorted(f"backbone.{k}" for k in weights) and not rep_kept.dropped
+    assert kept.backbone.cls_token is not None and "pos_embed" not in kept.backbone.state_dict()
     scratch, rep2, _, _ = build(_cfg(export, init="scratch"), 1, 7)
     assert not rep2.loaded and not torch.equal(scratch.backbone.blocks[0].attn.qkv.weight,
                                                model.backbone.blocks[0].attn.qkv.weight)
@@ -303,7 +297,7 @@ def test_pretrained_and_scratch_share_split_and_seeds(runs):
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
     assert (a / "split.json").read_text() == (b / "split.json").read_text()
     assert ma["seeds"] == mb["seeds"] and ma["decoder_init_digest"] == mb["decoder_init_digest"]
-    assert len(ma["load_report"]["loaded"]) == 53 and not mb["load_report"]["loaded"]
+    assert len(ma["load_report"]["loaded"]) == 52 and not mb["load_report"]["loaded"]  # 53 tensors − the cls token
 
 
 def test_report_table(runs, tmp_path):

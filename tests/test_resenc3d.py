@@ -1,6 +1,6 @@
-"""``resenc3d`` and its ``unet3d`` decoder: contract 2 (features, strides, channels), a parameter count done by
-hand, the pre-activation order, He init, rebuilding from ``config``, the decoder's class head, constructor
-messages and the registries."""
+"""``resenc3d`` and its ``fmunet`` / ``unet3d`` decoders: contract 2 (features, strides, channels), a parameter
+count done by hand, the pre-activation order, He init, rebuilding from ``config``, the decoders' class heads,
+constructor messages and the registries (FMUNet's own counts and shapes: tests/test_fmunet_fidelity.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medssl.pretrain.backbones import BACKBONES, build_backbone
-from medssl.pretrain.backbones.resenc3d import PreActResBlock3d, ResEnc3D, UNetDecoder3D
+from medssl.pretrain.backbones.resenc3d import FMUNetDecoder3D, PreActResBlock3d, ResEnc3D, UNetDecoder3D
 from medssl.pretrain.registry import DECODERS
 
 SIZES = {"resenc3d": ([32, 64, 128, 256, 512], 2), "resenc3d_tiny": ([8, 16, 32, 64, 128], 1)}
@@ -20,17 +20,17 @@ SIZES = {"resenc3d": ([32, 64, 128, 256, 512], 2), "resenc3d_tiny": ([8, 16, 32,
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def unet_pair(out_channels=5, **kw):
+def unet_pair(out_channels=5, decoder="unet3d", **kw):
     torch.manual_seed(0)
     enc = build_backbone("resenc3d_tiny", img_size=32, **kw)
-    dec = DECODERS.build("unet3d", feature_channels=enc.feature_channels, feature_strides=enc.feature_strides,
+    dec = DECODERS.build(decoder, feature_channels=enc.feature_channels, feature_strides=enc.feature_strides,
                          out_channels=out_channels)
     return enc, dec
 
 
 def test_sizes_are_registered():
     assert sorted(SIZES) == [n for n in BACKBONES.names() if n.startswith("resenc3d")]
-    assert DECODERS.get("unet3d") is UNetDecoder3D
+    assert DECODERS.get("unet3d") is UNetDecoder3D and DECODERS.get("fmunet") is FMUNetDecoder3D
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
@@ -166,8 +166,44 @@ def test_decoder_fits_other_backbones():
         dec(feats[:2])
 
 
-def test_backward_reaches_every_parameter():
-    enc, dec = unet_pair(3)
+def test_fmunet_decoder_output_and_class_head():
+    """Logits at full resolution; only ``head.conv.*`` changes shape with the number of classes, and it is what
+    fine-tuning re-initialises (the head's norm keeps its pretrained affine, as PyMIC loads what still fits)."""
+    enc, dec3 = unet_pair(3, "fmunet")
+    dec5 = FMUNetDecoder3D(enc.feature_channels, enc.feature_strides, out_channels=5)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        feats = enc(x)
+        assert dec3(feats).shape == (2, 3, 32, 32, 32) and dec5(feats).shape == (2, 5, 32, 32, 32)
+    s3, s5 = dec3.state_dict(), dec5.state_dict()
+    assert set(s3) == set(s5)
+    assert {k for k in s3 if s3[k].shape != s5[k].shape} == {"head.conv.weight", "head.conv.bias"}
+    assert {k for k in s5 if k.startswith(dec5.head_prefix)} == {"head.conv.weight", "head.conv.bias"}
+    assert s5["head.conv.weight"].shape == (5, 8, 3, 3, 3)
+    cfg = json.loads(json.dumps(dec5.config))
+    assert cfg == {"feature_channels": [8, 16, 32, 64, 128], "feature_strides": [1, 2, 4, 8, 16], "out_channels": 5,
+                   "blocks_per_level": 2, "dropout": [0.0, 0.0, 0.2, 0.2, 0.2]}
+    for again in (FMUNetDecoder3D.from_config(cfg), DECODERS.build("fmunet", **cfg)):
+        assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in s5.items()}
+
+
+def test_fmunet_decoder_fits_other_backbones():
+    torch.manual_seed(0)
+    dec = FMUNetDecoder3D([24, 40, 56], [2, 4, 8], out_channels=4, blocks_per_level=1, dropout=0.1).eval()
+    feats = [torch.randn(1, 24, 16, 8, 4), torch.randn(1, 40, 8, 4, 2), torch.randn(1, 56, 4, 2, 2)]
+    assert [tuple(y.shape) for y in dec.forward_levels(feats)] == [tuple(f.shape) for f in feats]
+    assert dec(feats).shape == (1, 4, 16, 8, 4) and dec.config["dropout"] == [0.1] * 3
+    with pytest.raises(ValueError, match=r"feature_strides \[16, 16\] .*twice the previous.*UNETR"):
+        FMUNetDecoder3D([96] * 2, [16] * 2, 2)
+    with pytest.raises(ValueError, match=r"dropout \[0\.2\] must be .* 3 of them"):
+        FMUNetDecoder3D([24, 40, 56], [2, 4, 8], 2, dropout=[0.2])
+    with pytest.raises(ValueError, match=r"expects 3 features .*C = \[24, 40, 56\]"):
+        dec(feats[:2])
+
+
+@pytest.mark.parametrize("decoder", ["unet3d", "fmunet"])
+def test_backward_reaches_every_parameter(decoder):
+    enc, dec = unet_pair(3, decoder)
     x = torch.randn(2, 1, 32, 32, 32)
     y = torch.randint(0, 3, (2, 32, 32, 32))
     torch.nn.functional.cross_entropy(dec(enc(x)), y).backward()
@@ -209,3 +245,5 @@ def test_misspelt_names_suggest_the_right_one():
         BACKBONES.get("resenc3")
     with pytest.raises(KeyError, match="did you mean 'unet3d'"):
         DECODERS.build("unet_3d", feature_channels=[8], feature_strides=[1], out_channels=2)
+    with pytest.raises(KeyError, match="did you mean 'fmunet'"):
+        DECODERS.build("fm_unet", feature_channels=[8], feature_strides=[1], out_channels=2)

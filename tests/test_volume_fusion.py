@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medssl.recipes.volume_fusion import (VolumeFusionConfig, box_labels, contrast_map, fuse, grid_labels,
-                                   random_resized_crops)
+from medssl.recipes.volume_fusion import (VolumeFusionConfig, augment_pair, box_labels, contrast_map, fuse,
+                                          gamma_correction, grid_labels, random_resized_crops)
 
 
 def _gen(seed):
@@ -90,6 +90,44 @@ def test_contrast_map_piecewise_reference():
     assert np.allclose(y, ref, atol=1e-5) and y.min() == 0.0 and y.max() == pytest.approx(1.0)
 
 
+def _gamma_reference(x: np.ndarray, gammas) -> np.ndarray:
+    """PyMIC ``intensity.gamma_correction`` sample by sample, with the given gammas."""
+    out = x.copy()
+    for b, g in enumerate(gammas):
+        v_min, v_max = x[b].min(), x[b].max()
+        if v_min < v_max:
+            out[b] = np.power((x[b] - v_min) / (v_max - v_min), g) * (v_max - v_min) + v_min
+    return out
+
+
+def test_gamma_correction_within_each_samples_range():
+    g = _gen(3)
+    x = torch.rand(5, 1, 9, 8, 7, generator=g) * 0.8 + 0.1  # values in [0.1, 0.9], like contrast-mapped air at 0.1
+    x[1] = x[1] * 3 - 2  # another range, negative values included
+    x[2] = 0.1  # constant: left unchanged
+    x[3, 0, :4] = 0.1  # a floor at 0.1 (many voxels at the minimum) stays at 0.1
+    gammas = torch.tensor([0.7, 1.5, 1.2, 0.9, 1.0])
+    out = gamma_correction(x, gammas)
+    ref = _gamma_reference(x.numpy().astype(np.float64), gammas.tolist())
+    assert np.allclose(out.numpy(), ref, atol=1e-5)
+    assert torch.equal(out[2], x[2]) and (out[3, 0, :4] == 0.1).all()
+    assert torch.equal(out.flatten(1).min(1).values, x.flatten(1).min(1).values)
+    assert torch.allclose(out.flatten(1).max(1).values, x.flatten(1).max(1).values)
+    assert torch.allclose(out[4], x[4]) and not torch.allclose(out[0], x[0])
+
+
+def test_augment_pair_keeps_the_contrast_maps_range():
+    """Gamma works inside each view's [min, max]: without flips and inversion, the view's range after the contrast
+    map (here floored at 0.1, as when the low percentile lies at the minimum) survives the gamma step."""
+    cfg = VolumeFusionConfig(flip_prob=0.0, invert_prob=0.0, out_range=[0.0, 1.0], p0=[0.1, 2.0])
+    x = torch.rand(4, 1, 12, 12, 12, generator=_gen(4))
+    x[:, :, :6] = 0.0  # half of each view at its minimum: the low percentile is the minimum → mapped to 0.1
+    fg, bg = augment_pair(x, x.clone(), cfg, _gen(5))
+    for v in (fg, bg):
+        assert torch.allclose(v.flatten(1).min(1).values, torch.full((4,), 0.1))
+        assert torch.allclose(v.flatten(1).max(1).values, torch.ones(4))
+
+
 # ----------------------------------------------------------------------------------------- the task
 @pytest.fixture(scope="module")
 def task():
@@ -116,6 +154,16 @@ def test_task_inputs_obey_the_fusion_rule_and_train(task, variant):
     assert torch.isfinite(out["loss"]) and all(p.grad is not None for p in task.parameters() if p.requires_grad)
     task.zero_grad()
     task.cfg.variant = "grid"
+
+
+def test_the_default_decoder_is_fmunets(task):
+    from medssl.pretrain.backbones.resenc3d import FMUNetDecoder3D
+    from medssl.pretrain.config import load_config
+
+    assert VolumeFusionConfig().decoder == "fmunet" and load_config("volume_fusion", [], None).task.decoder == "fmunet"
+    assert isinstance(task.decoder, FMUNetDecoder3D) and task.decoder.registry_name == "fmunet"
+    assert task.decoder.out_channels == task.cfg.fusion_classes + 1 == 5
+    assert task.export_components() == {"decoder": task.decoder}
 
 
 def test_bad_task_settings_are_refused():

@@ -1,4 +1,4 @@
-"""``resenc3d``: a residual 3D UNet encoder (MIS-FM's FMUNet / PyMIC ``GRUNet``) and its UNet decoder ``unet3d``.
+"""``resenc3d``: a residual 3D UNet encoder (MIS-FM's FMUNet / PyMIC ``GRUNet``) and two UNet decoders.
 
 The encoder has one level per entry of ``channels`` (FMUNet: 32, 64, 128, 256, 512). Level 0 is a 3³ stem conv
 (``in_chans`` → ``channels[0]``) followed by residual blocks at full resolution; every later level halves the
@@ -9,10 +9,15 @@ level, ``[B, channels[i], X/2^i, Y/2^i, Z/2^i]``, not normalised (the next layer
 
 FMUNet itself has 2 single-conv residual units per level: ``blocks_per_level=2, convs_per_block=1``.
 
-The decoder (``DECODERS.build("unet3d", feature_channels=…, feature_strides=…, out_channels=K)``) goes from the
-deepest feature up: FMUNet's up step (norm, act, 1×1 conv to the skip's channels, trilinear ×2), concatenation
-with the skip, residual blocks, and at the end a norm, an act and the 1×1 class head ``head``: the only
-parameters that depend on ``out_channels``. It fits any backbone whose feature strides double level to level.
+Both decoders (``DECODERS.build(name, feature_channels=…, feature_strides=…, out_channels=K)``) fit any backbone
+whose feature strides double level to level; the class head ``head`` holds the only parameters that depend on
+``out_channels``.
+
+* ``fmunet``: FMUNet's ``Decoder`` and ``out_layers[0]`` (MIS-FM ``net/fmunet.py``): residual units on the
+  deepest feature, then per level up (norm, act, 1×1 conv to the skip's channels, trilinear ×2), concatenation
+  with the skip, a pre-activated 3³ conv 2c → c and residual units; head norm, act, 3³ conv.
+* ``unet3d``: the earlier, lighter variant (kept so its exports load): per level the same up step, concatenation,
+  residual blocks 2c → c with a 1×1 skip conv; head norm, act, 1×1 conv.
 """
 
 from __future__ import annotations
@@ -167,6 +172,25 @@ def _check_size(size, divisor: int, what: str) -> None:
                          f"{divisor.bit_length() - 1} times): use a crop that is a multiple of {divisor}, e.g. {eg}")
 
 
+def _check_layout(chans: list[int], feature_strides, out_channels) -> list[int]:
+    strides = [int(s) for s in feature_strides]
+    if len(strides) != len(chans) or any(b != 2 * a for a, b in pairwise(strides)):
+        raise ValueError(f"feature_strides {list(feature_strides)} must give one stride per feature channel "
+                         f"({len(chans)}), each twice the previous, e.g. {[2 ** i for i in range(len(chans))]}; "
+                         f"features at one stride (a ViT) need a UNETR decoder")
+    if int(out_channels) < 1:
+        raise ValueError(f"out_channels {out_channels!r} must be >= 1 (the number of classes, background included)")
+    return strides
+
+
+def _check_feats(feats: Sequence[Tensor], chans: list[int]) -> None:
+    if len(feats) != len(chans) or any(f.dim() != 5 or f.shape[1] != c for f, c in zip(feats, chans)):
+        got = [tuple(f.shape) for f in feats]
+        raise ValueError(f"the decoder expects {len(chans)} features [B, C, X, Y, Z] with C = {chans}; got shapes "
+                         f"{got}: build it from the backbone's feature_channels / feature_strides (ViT tokens go "
+                         f"through tokens_to_grid first)")
+
+
 @DECODERS.register("unet3d")
 class UNetDecoder3D(nn.Module):
     """UNet decoder over features whose strides double level to level; ``forward(feats) -> [B, K, …]`` logits at
@@ -176,13 +200,7 @@ class UNetDecoder3D(nn.Module):
                  blocks_per_level: int = 1, dropout: float | Sequence[float] = 0.0, convs_per_block: int = 2):
         super().__init__()
         chans = _check_widths(feature_channels, int(blocks_per_level), int(convs_per_block))
-        strides = [int(s) for s in feature_strides]
-        if len(strides) != len(chans) or any(b != 2 * a for a, b in pairwise(strides)):
-            raise ValueError(f"feature_strides {list(feature_strides)} must give one stride per feature channel "
-                             f"({len(chans)}), each twice the previous, e.g. {[2 ** i for i in range(len(chans))]}; "
-                             f"features at one stride (a ViT) need a UNETR decoder")
-        if int(out_channels) < 1:
-            raise ValueError(f"out_channels {out_channels!r} must be >= 1 (the number of classes, background included)")
+        strides = _check_layout(chans, feature_strides, out_channels)
         drops = _per_level("dropout", dropout, len(chans))
         self._config = {"feature_channels": chans, "feature_strides": strides, "out_channels": int(out_channels),
                         "blocks_per_level": int(blocks_per_level), "dropout": drops,
@@ -208,19 +226,94 @@ class UNetDecoder3D(nn.Module):
     def from_config(cls, config: dict) -> UNetDecoder3D:
         return cls(**config)
 
+    def summary_levels(self) -> list[tuple[str, nn.Module]]:
+        """The modules whose outputs are the decoder's levels, coarse to fine (``--dry-run`` summaries)."""
+        return [(f"levels.{i}.blocks", lv.blocks) for i, lv in reversed(list(enumerate(self.levels)))] + [("head", self.head)]
+
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
-        if len(feats) != len(self.feature_channels) or any(f.dim() != 5 or f.shape[1] != c
-                                                           for f, c in zip(feats, self.feature_channels)):
-            got = [tuple(f.shape) for f in feats]
-            raise ValueError(f"the decoder expects {len(self.feature_channels)} features [B, C, X, Y, Z] with C = "
-                             f"{self.feature_channels}; got shapes {got}: build it from the backbone's "
-                             f"feature_channels / feature_strides (ViT tokens go through tokens_to_grid first)")
+        _check_feats(feats, self.feature_channels)
         y = feats[-1]  # [B, c_L, …] deepest
         for i in reversed(range(len(self.levels))):
             skip = feats[i]  # [B, c_i, X_i, Y_i, Z_i]
             up = F.interpolate(self.levels[i].up(y), size=skip.shape[2:], mode="trilinear", align_corners=True)
             y = self.levels[i].blocks(torch.cat([skip, up], dim=1))  # [B, 2·c_i, …] → [B, c_i, X_i, Y_i, Z_i]
         return self.head(F.leaky_relu(self.norm(y), NEG_SLOPE))  # [B, K, X_0, Y_0, Z_0]
+
+
+@DECODERS.register("fmunet")
+class FMUNetDecoder3D(nn.Module):
+    """FMUNet's decoder and output layer (MIS-FM ``net/fmunet.py``: ``Decoder`` + ``out_layers[0]``) over features
+    whose strides double; ``forward(feats) -> [B, K, …]`` logits at the stride of ``feats[0]``.
+
+    ``bottleneck``: ``blocks_per_level`` single-conv residual units on the deepest feature (``de_conv4``); per level
+    i from the second deepest up, ``levels.i.up`` (pre-activated 1×1 conv c_{i+1} → c_i, then trilinear ×2,
+    align_corners), ``levels.i.fuse`` (pre-activated 3³ conv on cat[skip, up], 2c_i → c_i) and ``levels.i.blocks``
+    (units, ``de_conv_i``); ``head``: norm, act, 3³ conv c_0 → K (``out_layers[0]``; FMUNet's three other heads
+    serve deep supervision only and are not built). ``dropout``: one probability or one per level; ``None`` is
+    FMUNet's 0 on the two finest levels and 0.2 below. FMUNet's depth is ``blocks_per_level`` (2).
+    """
+
+    # re-initialised by fine-tuning (manifest components.*.head): the class conv only; its norm keeps the pretrained
+    # affine, as PyMIC's fine-tuning loads every tensor whose shape still fits
+    head_prefix = "head.conv."
+
+    def __init__(self, feature_channels: Sequence[int], feature_strides: Sequence[int], out_channels: int,
+                 blocks_per_level: int = 2, dropout: float | Sequence[float] | None = None):
+        super().__init__()
+        chans = _check_widths(feature_channels, int(blocks_per_level), 1)
+        strides = _check_layout(chans, feature_strides, out_channels)
+        if dropout is None:  # FMUNet: de_conv0, de_conv1 without, the deeper ones 0.2
+            dropout = [0.0 if i < 2 else 0.2 for i in range(len(chans))]
+        drops = _per_level("dropout", dropout, len(chans))
+        n = int(blocks_per_level)
+        self._config = {"feature_channels": chans, "feature_strides": strides, "out_channels": int(out_channels),
+                        "blocks_per_level": n, "dropout": drops}
+        self.feature_channels, self.feature_strides, self.out_channels = chans, strides, int(out_channels)
+
+        def units(i):  # FMUNet ResConv: x = conv(x) + x, n times
+            return nn.Sequential(*(PreActResBlock3d(chans[i], chans[i], drops[i], convs=1) for _ in range(n)))
+
+        self.bottleneck = units(len(chans) - 1)
+        self.levels = nn.ModuleList()
+        for i in range(len(chans) - 1):
+            level = nn.Module()
+            level.up = PreActConv3d(chans[i + 1], chans[i], kernel_size=1)
+            level.fuse = PreActConv3d(2 * chans[i], chans[i], kernel_size=3)
+            level.blocks = units(i)
+            self.levels.append(level)
+        self.head = PreActConv3d(chans[0], int(out_channels), kernel_size=3)
+        # FMUNet: PyMIC Initialization_He, kaiming_normal_(a=0.01) in its default fan_in mode; ours is fan_out
+        kaiming_init_(self.modules())
+
+    @property
+    def config(self) -> dict:
+        """The constructor kwargs (JSON-serialisable): ``FMUNetDecoder3D.from_config(config)`` rebuilds it."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._config.items()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> FMUNetDecoder3D:
+        return cls(**config)
+
+    def forward_levels(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        """The decoder's output at every level, finest first: ``[B, c_i, X_i, Y_i, Z_i]`` (FMUNet's ``x_i_de``)."""
+        _check_feats(feats, self.feature_channels)
+        y = self.bottleneck(feats[-1])  # [B, c_L, …] deepest
+        out = [y]
+        for i in reversed(range(len(self.levels))):
+            skip, level = feats[i], self.levels[i]  # [B, c_i, X_i, Y_i, Z_i]
+            up = F.interpolate(level.up(y), size=skip.shape[2:], mode="trilinear", align_corners=True)
+            y = level.blocks(level.fuse(torch.cat([skip, up], dim=1)))  # [B, 2·c_i, …] → [B, c_i, X_i, Y_i, Z_i]
+            out.append(y)
+        return out[::-1]
+
+    def summary_levels(self) -> list[tuple[str, nn.Module]]:
+        """The modules whose outputs are the decoder's levels, coarse to fine (``--dry-run`` summaries)."""
+        return ([("bottleneck", self.bottleneck)] + [(f"levels.{i}.blocks", lv.blocks)
+                                                      for i, lv in reversed(list(enumerate(self.levels)))]
+                + [("head", self.head)])
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        return self.head(self.forward_levels(feats)[0])  # [B, K, X_0, Y_0, Z_0]
 
 
 def _resenc3d(defaults: dict, kwargs: dict) -> ResEnc3D:

@@ -8,7 +8,9 @@ passes ``keep`` (indices of the visible tokens), a fine-tuning decoder reshapes 
 
 Key names are timm's (``patch_embed.proj``, ``cls_token``, ``blocks.N.attn.qkv``, …, ``norm``), so the
 authors' Hi-End-MAE encoder loads key for key. The position embedding is a non-persistent buffer, recomputed
-from ``img_size``: it is never in the state dict, and the same weights load at any crop size.
+from ``img_size``: it is never in the state dict, and the same weights load at any crop size. Fine-tuning
+builds the ViT as the official UNETR does: ``pos_embed="learned"`` (a parameter that starts as the sin-cos) and
+``cls_token=False``.
 """
 
 from __future__ import annotations
@@ -56,16 +58,23 @@ class ViT3D(nn.Module):
 
     def __init__(self, img_size: int | tuple[int, int, int] = 96, patch_size: int = 16, in_chans: int = 1,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.0, out_indices=(3, 6, 9), cls_token: bool = True):
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0, out_indices=(3, 6, 9), cls_token: bool = True,
+                 pos_embed: str = "fixed"):
         super().__init__()
         size = (int(img_size),) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         out_indices = tuple(int(i) for i in out_indices)
         _validate(img_size, size, patch_size, in_chans, embed_dim, depth, num_heads, out_indices)
+        if pos_embed not in ("fixed", "learned"):
+            raise ValueError(f"pos_embed {pos_embed!r} must be 'fixed' (the sin-cos buffer) or 'learned' (a parameter "
+                             f"initialised from it, as the official UNETR fine-tunes)")
         self._config = {"img_size": int(img_size) if isinstance(img_size, int) else list(size),
                        "patch_size": int(patch_size), "in_chans": int(in_chans), "embed_dim": int(embed_dim),
                        "depth": int(depth), "num_heads": int(num_heads), "mlp_ratio": float(mlp_ratio),
                        "qkv_bias": bool(qkv_bias), "drop_path_rate": float(drop_path_rate),
                        "out_indices": list(out_indices), "cls_token": bool(cls_token)}
+        if pos_embed != "fixed":  # the default stays out of the config, so exports read as before
+            self._config["pos_embed"] = pos_embed
+        self.learned_pos_embed = pos_embed == "learned"
         self.img_size, self.patch_size, self.embed_dim = size, int(patch_size), int(embed_dim)
         self.grid_size = tuple(s // self.patch_size for s in size)
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
@@ -82,7 +91,10 @@ class ViT3D(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=p,
                                           norm_layer=norm) for p in dpr)
         self.norm = norm(embed_dim)
-        self.register_buffer("pos_embed", torch.empty(0), persistent=False)
+        if self.learned_pos_embed:  # [1, L, D], in the state dict; starts as the sin-cos
+            self.pos_embed = nn.Parameter(torch.empty(1, self.num_patches, self.embed_dim))  # filled by init_weights
+        else:
+            self.register_buffer("pos_embed", torch.empty(0), persistent=False)
         self.init_weights()
 
     @property
@@ -91,8 +103,14 @@ class ViT3D(nn.Module):
         return {k: list(v) if isinstance(v, list) else v for k, v in self._config.items()}
 
     def reset_pos_embed(self) -> None:
-        """(Re)compute the sin-cos buffer ``[1, L, D]`` — e.g. after ``to_empty()`` wiped it."""
+        """(Re)compute the sin-cos ``[1, L, D]`` — e.g. after ``to_empty()`` wiped it; a learned embedding is reset
+        to it in place."""
         pe = sincos_pos_embed_3d(self.grid_size, self.embed_dim)[None]  # [1, L, D]
+        if self.learned_pos_embed:
+            if self.pos_embed.device.type != "meta":
+                with torch.no_grad():
+                    self.pos_embed.copy_(pe)
+            return
         dev = self.pos_embed.device if self.pos_embed.device.type != "meta" else pe.device
         self.pos_embed = pe.to(dev)
 
@@ -108,7 +126,7 @@ class ViT3D(nn.Module):
         mae_init_(self.modules())
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token"} if self.cls_token is not None else set()
+        return ({"cls_token"} if self.cls_token is not None else set()) | ({"pos_embed"} if self.learned_pos_embed else set())
 
     def patchify(self, x: Tensor) -> Tensor:
         """``[B, C, X, Y, Z]`` → patch tokens with position ``[B, L, D]`` (no cls), in the C order of the grid."""
