@@ -31,7 +31,8 @@ def build(model_name: str, crop: int, feature_size: int, device: torch.device):
     from medssl.pretrain.backbones import build_backbone
 
     cfg = load_config([f"data.crop_size=[{crop},{crop},{crop}]", f"model.feature_size={feature_size}"])
-    bb = build_backbone(model_name, img_size=[crop] * 3)
+    vit = {"cls_token": False, "pos_embed": "learned"} if model_name.startswith("vit3d") else {}  # as fine-tuning
+    bb = build_backbone(model_name, img_size=[crop] * 3, **vit)
     return SegmentationNet(bb, make_decoder(bb, "auto", 1, 7, cfg)[1]).to(device), cfg
 
 
@@ -71,7 +72,8 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=None, help="backbones (default: tiny at 48³ and base at 96³)")
     p.add_argument("--crop", type=int, help="crop / ROI size (default: 48 for tiny, 96 otherwise)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--feature-size", type=int, help="UNETR feature_size (default 12 for tiny, 16 otherwise)")
+    p.add_argument("--feature-size", type=int, help="UNETR feature_size (default 12 for tiny, 32 otherwise: "
+                   "the fine-tuning default)")
     p.add_argument("--volume", type=int, nargs=3, default=[256, 256, 160])
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch", type=int, default=2)
@@ -86,7 +88,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in a.models or ["vit3d_tiny_p16", "vit3d_base_p16"]:
         crop = a.crop or (48 if "tiny" in name else 96)
-        fs = a.feature_size or (12 if "tiny" in name else 16)
+        fs = a.feature_size or (12 if "tiny" in name else 32)
         r = bench(name, crop, fs, a.batch, a.volume, a.overlap, a.sw_batch, a.precision, a.steps, a.warmup, device)
         print(f"| {name} | {crop}³ | {fs} | {a.batch} | {a.precision} | {r['params_m']:.1f} | {r['step_s']:.3f} | "
               f"{r['steps_per_s']:.2f} | {r['crops_per_s']:.2f} | {r['infer_s']:.2f} | {r['volumes_per_s']:.3f} |",

@@ -107,6 +107,7 @@ def build(cfg, in_channels: int, out_channels: int, log=print):
     if hasattr(meta, "num_prefix_tokens"):  # a ViT: fine-tuned as the official UNETR builds it (config.py)
         kwargs["cls_token"] = cfg.model.cls_token == "keep" and bool(kwargs.get("cls_token", True))
         kwargs["pos_embed"] = cfg.model.pos_embed
+        # departure: the official downstream ViT is MONAI's (LayerNorm eps 1e-5); ours keeps the encoder's 1e-6
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(name, **kwargs)
     torch.manual_seed(cfg.train.seed + 1)  # the decoder's init depends on the seed only, not on the backbone
