@@ -3,8 +3,9 @@
 The defaults are the downstream setting of the official Hi-End-MAE / MONAI UNETR-BTCV pipeline
 (``FengheTan9/Hi-End-MAE:downstream/main.py``, ``trainer.py``, ``utils/data_utils.py``): 96³ crops,
 ``RandCropByPosNegLabeld`` pos 1 / neg 1 with 4 samples per volume, flips and rot90 at p 0.2, intensity
-scale/shift 0.1 at p 0.1, AdamW lr 1e-4 wd 1e-5, linear warm-up then cosine, DiceCE, sliding-window
-evaluation with 0.5 overlap. Steps replace epochs (one step = one volume × 4 crops per process).
+scale/shift 0.1 at p 0.1, AdamW lr 1e-4 wd 1e-5, linear warm-up from 0 then cosine, DiceCE, sliding-window
+evaluation with 0.5 overlap; the network as ``downstream/models/UNETR/unetr.py`` builds it (feature_size 32, a ViT
+without cls token whose position embedding is learned from the pretrained sin-cos). Steps replace epochs (one step = one volume × 4 crops per process).
 The preprocessing (orientation, spacing, intensity window) comes from the export's manifest, so
 fine-tuning sees what pretraining saw; ``data.spacing`` / ``data.window_ct`` override it.
 """
