@@ -68,15 +68,10 @@ def _dice_line(step: int, total: int, score: float, per_class: dict, best: dict)
             f"{best['step']}")
 
 
-def dry_run(cfg) -> dict:
-    """``--dry-run``: the dataset discovered and split, the first training volume prepared (its channels; the classes
-    from dataset.json, else that volume's labels), the network built and the export's weights loaded as a real run
-    would, then parameters per part and each decoder level's shape for one crop (``pretrain.summary``), written as
-    ``OUT/model_summary.json``. Nothing else is written; nothing is trained."""
-    from medssl.pretrain.summary import SUMMARY_FILE, summarize, summary_text
-
+def _data_plan(cfg):
+    """What a run reads before any volume: the export's manifest (None without one), the preprocessing, the
+    discovered cases with their declared classes, and the seeded split."""
     from . import data as D
-    from .loading import build
 
     manifest = None
     if cfg.export and Path(cfg.export).is_dir():
@@ -87,6 +82,20 @@ def dry_run(cfg) -> dict:
     sources, declared = D.discover(cfg.dataset, cfg.data.labels)
     split = D.split_cases([s.key for s in sources], cfg.data.n_val, cfg.data.test_fraction, cfg.data.n_train,
                           cfg.data.split_seed)
+    return manifest, pre, sources, declared, split
+
+
+def dry_run(cfg) -> dict:
+    """``--dry-run``: the dataset discovered and split, the first training volume prepared (its channels; the classes
+    from dataset.json, else that volume's labels), the network built and the export's weights loaded as a real run
+    would, then parameters per part and each decoder level's shape for one crop (``pretrain.summary``), written as
+    ``OUT/model_summary.json``. Nothing else is written; nothing is trained."""
+    from medssl.pretrain.summary import SUMMARY_FILE, summarize, summary_text
+
+    from . import data as D
+    from .loading import build
+
+    manifest, pre, sources, declared, split = _data_plan(cfg)
     first = D.prepare([next(s for s in sources if s.key == split["train"][0])], pre, declared, False)[0]
     classes = declared or {0: "background", **{int(v): f"class{int(v)}" for v in np.unique(first.label) if v}}
     n_classes = max(classes) + 1
@@ -152,15 +161,7 @@ def finetune(cfg, progress: bool = True, resume: str = "auto", overwrite: bool =
         return json.loads((run / "metrics.json").read_text())
 
     # ---- data: discover, split, prepare (all checks happen here, before any training) -----------------
-    manifest = None
-    if cfg.export and Path(cfg.export).is_dir():
-        from medssl.pretrain.export import read_manifest
-
-        manifest = read_manifest(cfg.export)
-    pre = D.preprocessing(manifest, cfg)
-    sources, declared = D.discover(cfg.dataset, cfg.data.labels)
-    split = D.split_cases([s.key for s in sources], cfg.data.n_val, cfg.data.test_fraction, cfg.data.n_train,
-                          cfg.data.split_seed)
+    manifest, pre, sources, declared, split = _data_plan(cfg)
     by_key = {s.key: s for s in sources}
     mine = lambda keys: keys[env.rank::env.world_size]  # noqa: E731 - evaluation volumes of this process
     train_cases = D.prepare([by_key[k] for k in split["train"]], pre, declared, progress and env.is_main, "prepare train")

@@ -133,16 +133,22 @@ def test_rebuild_from_config(name):
     assert again.stem.weight.shape[1] == 2
 
 
-def test_decoder_output_and_class_head():
-    """Logits at full resolution; only ``head.*`` depends on the number of classes."""
-    enc, dec3 = unet_pair(3)
-    dec5 = UNetDecoder3D(enc.feature_channels, enc.feature_strides, out_channels=5)
-    x = torch.randn(2, 1, 32, 32, 32)
+def _three_and_five_classes(name: str, cls):
+    """A decoder for 3 and one for 5 classes on the same features: logits at full resolution, same keys; their
+    state dicts and the 5-class decoder."""
+    enc, dec3 = unet_pair(3, name)
+    dec5 = cls(enc.feature_channels, enc.feature_strides, out_channels=5)
     with torch.no_grad():
-        feats = enc(x)
+        feats = enc(torch.randn(2, 1, 32, 32, 32))
         assert dec3(feats).shape == (2, 3, 32, 32, 32) and dec5(feats).shape == (2, 5, 32, 32, 32)
     s3, s5 = dec3.state_dict(), dec5.state_dict()
     assert set(s3) == set(s5)
+    return s3, s5, dec5
+
+
+def test_decoder_output_and_class_head():
+    """Logits at full resolution; only ``head.*`` depends on the number of classes."""
+    s3, s5, dec5 = _three_and_five_classes("unet3d", UNetDecoder3D)
     differ = {k for k in s3 if s3[k].shape != s5[k].shape}
     assert differ == {"head.weight", "head.bias"}
     assert s5["head.weight"].shape == (5, 8, 1, 1, 1)
@@ -169,14 +175,7 @@ def test_decoder_fits_other_backbones():
 def test_fmunet_decoder_output_and_class_head():
     """Logits at full resolution; only ``head.conv.*`` changes shape with the number of classes, and it is what
     fine-tuning re-initialises (the head's norm keeps its pretrained affine, as PyMIC loads what still fits)."""
-    enc, dec3 = unet_pair(3, "fmunet")
-    dec5 = FMUNetDecoder3D(enc.feature_channels, enc.feature_strides, out_channels=5)
-    x = torch.randn(2, 1, 32, 32, 32)
-    with torch.no_grad():
-        feats = enc(x)
-        assert dec3(feats).shape == (2, 3, 32, 32, 32) and dec5(feats).shape == (2, 5, 32, 32, 32)
-    s3, s5 = dec3.state_dict(), dec5.state_dict()
-    assert set(s3) == set(s5)
+    s3, s5, dec5 = _three_and_five_classes("fmunet", FMUNetDecoder3D)
     assert {k for k in s3 if s3[k].shape != s5[k].shape} == {"head.conv.weight", "head.conv.bias"}
     assert {k for k in s5 if k.startswith(dec5.head_prefix)} == {"head.conv.weight", "head.conv.bias"}
     assert s5["head.conv.weight"].shape == (5, 8, 3, 3, 3)
