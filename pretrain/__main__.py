@@ -7,6 +7,7 @@
     python -m medssl.pretrain import hi_end_mae CHECKPOINT --out DIR
     python -m medssl.pretrain list
     python -m medssl.pretrain demo
+    python -m medssl.pretrain ablate recipes/ablations/NAME.yaml [--out DIR] [--dry-run | --slurm | --collect]
 
 The same command runs as a plain process, under ``torchrun --nproc_per_node …`` and under the
 ``deepspeed`` launcher (``deepspeed --hostfile hosts --module medssl.pretrain RECIPE …``).
@@ -28,6 +29,8 @@ COMMANDS = """commands:
   import NAME CKPT   convert an official released checkpoint into an export
   list               recipes (with presets) and backbones (with parameter counts)
   demo               the README's demo: phantoms -> shards -> pretraining -> export -> fine-tuning
+  ablate FILE        a grid of pretraining cells x fine-tuning runs vs scratch: one table with error bars
+                     (recipes/ablations/*.yaml; --dry-run, --slurm, --collect)
 
 `python -m medssl.pretrain RECIPE --help` lists the training options."""
 
@@ -350,6 +353,10 @@ def main(argv=None) -> int:
         return demo_main(argv[1:])
     if argv[0] == "list":
         return list_command()
+    if argv[0] == "ablate":
+        from .ablate import main as ablate_main
+
+        return ablate_main(argv[1:])
     if argv[0] == "train":
         argv = argv[1:]
     parser = _train_parser()

@@ -17,6 +17,13 @@ orientations, so ``nibabel.as_closest_canonical`` always shows the liver at +x a
 
 Subject ``i`` depends only on ``(seed, i, modality, fov_scale)``: ``n=3`` and ``n=5`` share their first
 three files byte for byte, and gzip streams carry no timestamp.
+
+Opt-in ``variation`` (0..1, ``--variation``; default 0 writes exactly the files above) makes a harder task
+for few-shot fine-tuning: organ size and position vary more between subjects, each CT subject gets a
+contrast phase (non-contrast, arterial, portal, delayed) in which liver and spleen HU overlap and swap order,
+the liver holds vessels, and texture and noise grow. Its draws come from a generator of their own, so
+subject ``i`` at ``variation=v`` has the same body, grid and orientation as at 0; it then depends on
+``(seed, i, modality, fov_scale, variation)``.
 """
 
 from __future__ import annotations
@@ -68,6 +75,24 @@ _TISSUES = {
     "table":    (0, -250, 50, 5, 0, 0),
 }
 TISSUES = tuple(_TISSUES)  # index in the tissue map -> name
+
+# ``variation > 0`` only. CT contrast phases: mean HU of the enhancing tissues (hvessel: the intrahepatic
+# portal/hepatic veins drawn inside the liver and labelled liver). Liver and spleen overlap across phases
+# and swap order between them (arterial spleen > liver, non-contrast liver > spleen), so intensity alone
+# cannot tell them apart: position, shape and neighbours must. Values after typical adult abdominal CT.
+PHASES = ("non-contrast", "arterial", "portal", "delayed")
+_PHASE_HU = {  # tissue: (non-contrast, arterial, portal, delayed)
+    "liver":    (58, 75, 110, 90),
+    "spleen":   (48, 110, 112, 85),
+    "kcortex":  (32, 190, 165, 130),
+    "kmedulla": (32, 80, 150, 140),
+    "aorta":    (42, 300, 160, 110),
+    "heart":    (42, 260, 150, 110),
+    "lvessel":  (40, 200, 130, 100),
+    "hvessel":  (40, 110, 170, 115),
+}
+# Organ shape/position jitter at variation 1: log-scale std per semi-axis and shift std (units of A, B, hz).
+_ORGAN_JIT = {"liver": (0.15, 0.05), "spleen": (0.25, 0.06), "kidney+1": (0.12, 0.04), "kidney-1": (0.12, 0.04)}
 _T = {name: np.uint8(i) for i, name in enumerate(TISSUES)}
 _TAB = np.array(list(_TISSUES.values()), dtype=np.float32)  # [n_tissues, 6]
 LABEL_OF_TISSUE = _TAB[:, 0].astype(np.uint8)  # [n_tissues]
@@ -140,9 +165,12 @@ def _organ(t, x, y, z, rng, centre, semi, angle, value, only, inner=None) -> Non
         win[m & (f < inner[0])] = inner[1]
 
 
-def _anatomy(rng, fov_scale: float):
+def _anatomy(rng, fov_scale: float, jit: dict | None = None):
     """Draw one subject's grid and tissue map in world RAS+ (+x = patient's right).
-    Returns (tissue [nx, ny, nz] uint8, (x, y, z) mm coordinates, spacing (sx, sy, sz))."""
+    Returns (tissue [nx, ny, nz] uint8, (x, y, z) mm coordinates, spacing (sx, sy, sz)).
+    ``jit`` (``variation > 0`` only): organ name -> (scale [3], shift [3]) applied to that organ's semi-axes
+    and centre (shift in units of the body's semi-axes A, B and the half-height hz); ``None`` leaves every
+    number, and so every byte, of the default phantoms as it was."""
     s = fov_scale
     fov_xy, fov_z = rng.uniform(200, 260) * s, rng.uniform(150, 300) * s
     sxy, sz = rng.uniform(0.6, 1.0), rng.uniform(1.5, 5.0)
@@ -211,6 +239,14 @@ def _anatomy(rng, fov_scale: float):
 
     # Organs in world mm; the abdomen spans u in [-1, u_d], length labd (in units of hz).
     labd, cav = 1 + u_d, [_T["bowel"]]
+
+    def organ(name, centre, semi, *args, **kw):
+        if jit is not None:
+            scale, shift = jit[name]
+            centre = tuple(c + d * h for c, d, h in zip(centre, shift, (A, B, hz)))
+            semi = tuple(r * f for r, f in zip(semi, scale))
+        _organ(t, x, y, z, rng, centre, semi, *args, **kw)
+
     ub = u_d - rng.uniform(0.02, 0.08)  # lung base
     for side in (1, -1):
         semi_u = (1 - ub) * 1.4
@@ -220,24 +256,39 @@ def _anatomy(rng, fov_scale: float):
     _organ(t, x, y, z, rng, (cx0 - 0.12 * A, cy0 + 0.3 * B, hu * hz), (0.33 * A, 0.42 * B, 0.4 * (1 - u_d) * hz),
            rng.uniform(-0.4, 0.0), _T["heart"], [_T["bowel"], _T["lung"]])
     sl_u = 0.36 * labd * rng.uniform(0.9, 1.1)  # liver: right upper quadrant, dome under the right lung
-    _organ(t, x, y, z, rng, (cx0 + 0.38 * A, cy0 + 0.08 * B, (u_d + 0.06 - sl_u) * hz),
-           (0.5 * A, 0.62 * B, sl_u * hz), rng.uniform(-0.2, 0.2), _T["liver"], [_T["bowel"], _T["lung"]])
-    _organ(t, x, y, z, rng, (cx0 - 0.55 * A, cy0 - 0.25 * B, (u_d - 0.2 * labd) * hz),
-           (0.14 * A, 0.32 * B, 0.16 * labd * hz), rng.uniform(-0.9, -0.4), _T["spleen"], [_T["bowel"], _T["lung"]])
+    organ("liver", (cx0 + 0.38 * A, cy0 + 0.08 * B, (u_d + 0.06 - sl_u) * hz),
+          (0.5 * A, 0.62 * B, sl_u * hz), rng.uniform(-0.2, 0.2), _T["liver"], [_T["bowel"], _T["lung"]])
+    organ("spleen", (cx0 - 0.55 * A, cy0 - 0.25 * B, (u_d - 0.2 * labd) * hz),
+          (0.14 * A, 0.32 * B, 0.16 * labd * hz), rng.uniform(-0.9, -0.4), _T["spleen"], [_T["bowel"], _T["lung"]])
     for side, level in ((1, 0.62), (-1, 0.55)):  # the right kidney sits lower, under the liver
-        _organ(t, x, y, z, rng, (cx0 + side * (r_v + 0.22 * A), y_s + 0.1 * B, (u_d - level * labd) * hz),
-               (0.12 * A, 0.17 * A, 0.2 * labd * hz), side * rng.uniform(0.2, 0.6), _T["kcortex"], cav,
-               inner=(0.35, _T["kmedulla"]))
+        organ(f"kidney{side:+d}", (cx0 + side * (r_v + 0.22 * A), y_s + 0.1 * B, (u_d - level * labd) * hz),
+              (0.12 * A, 0.17 * A, 0.2 * labd * hz), side * rng.uniform(0.2, 0.6), _T["kcortex"], cav,
+              inner=(0.35, _T["kmedulla"]))
     return t, (x, y, z), (float(sxy), float(sxy), float(sz)), u_d
 
 
-def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float = 1.0) -> dict:
+def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float = 1.0, variation: float = 0.0) -> dict:
     """One phantom subject, in memory. Returns a dict with ``image`` (stored orientation; CT int16 HU,
     MR float32), ``label`` (uint8, same shape), ``affine`` (4x4), ``axcodes``, ``spacing`` (per stored
-    axis, mm) and ``tissue`` (uint8 indices into ``TISSUES``, same shape; what every voxel is made of)."""
-    modality = _check(modality, fov_scale, seed=seed, index=index)
-    rng = np.random.default_rng([seed, index, MODALITIES[modality], round(fov_scale * 1000)])
-    t, (x, y, z), spacing, u_d = _anatomy(rng, fov_scale)
+    axis, mm), ``tissue`` (uint8 indices into ``TISSUES``, same shape; what every voxel is made of) and
+    ``phase`` (the CT contrast phase; ``"portal"`` unless ``variation > 0``).
+
+    ``variation`` in [0, 1] (default 0: today's phantoms, byte for byte) adds inter-subject variation that
+    a harder downstream task needs, drawn from a generator of its own so the default draws never move:
+    organ size and position (liver, spleen, kidneys), a CT contrast phase per subject (``PHASES``:
+    liver and spleen HU overlap and swap order), intrahepatic vessels, stronger organ texture and a
+    wider noise range. Strengths scale with ``variation``; the phase and the vessels appear for any
+    ``variation > 0``."""
+    modality = _check(modality, fov_scale, seed=seed, index=index, variation=variation)
+    key = [seed, index, MODALITIES[modality], round(fov_scale * 1000)]
+    rng = np.random.default_rng(key)
+    vrng = np.random.default_rng([*key, 0x5EED]) if variation > 0 else None  # the opt-in draws only
+    jit = None
+    if vrng is not None:
+        jit = {name: (np.exp(variation * sd * vrng.standard_normal(3)),
+                      variation * np.clip(sh * vrng.standard_normal(3), -2.5 * sh, 2.5 * sh))
+               for name, (sd, sh) in _ORGAN_JIT.items()}
+    t, (x, y, z), spacing, u_d = _anatomy(rng, fov_scale, jit)
     hz = max(abs(z[0]), 1e-3)
 
     # Random fields, drawn before the slab loop so that every draw happens in a fixed order.
@@ -254,6 +305,24 @@ def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float =
     sigma = rng.uniform(10, 25) if ct else rng.uniform(8, 20)  # noise
     psf = np.array([0.1, 0.8, 0.1], dtype=np.float32)  # in-plane blur: softens voxelised edges like a kernel
     lut = np.array([_T["vfat"], _T["bowel"], _T["gas"]], dtype=np.uint8)
+    phase, hvessel = "portal", None  # intrahepatic vessel intensity (variation > 0 only)
+    if vrng is not None:
+        organs = [_T[n] for n in ("liver", "spleen", "kcortex", "kmedulla")]
+        amp[organs] *= 1 + 2 * variation  # parenchymal texture: 6 HU -> up to 18 HU
+        if ct:
+            p = int(vrng.integers(len(PHASES)))
+            phase = PHASES[p]
+            hu = {n: v[p] + vrng.uniform(-1, 1) * (15 if n in ("liver", "spleen", "hvessel") else 25)
+                  for n, v in _PHASE_HU.items()}
+            for n, v in hu.items():
+                if n in _T:
+                    base[_T[n]] = v
+            hvessel = hu["hvessel"] - hu["liver"]
+            sigma = vrng.uniform(10, 25 + 20 * variation)
+        else:  # MR: liver and spleen closer together, varying per subject; vessels dark (flow void-ish)
+            base[_T["spleen"]] = base[_T["liver"]] * vrng.uniform(1 - 0.25 * variation, 1 + 0.1 * variation)
+            hvessel = -0.5 * base[_T["liver"]]
+            sigma = vrng.uniform(8, 20 + 15 * variation)
 
     img = np.empty(t.shape, dtype=np.int16 if ct else np.float32, order="F")  # [nx, ny, nz]
     step = max(1, (1 << 19) // (t.shape[0] * t.shape[1]))  # slices per slab (~2 MB of float32)
@@ -272,6 +341,12 @@ def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float =
             tk[lung] = _T["lvessel"]
         v = base[tk]  # [nx, ny, nk] float32, Fortran order kept by fancy indexing
         v += amp[tk] * g
+        if hvessel is not None:  # intrahepatic vessels: other level sets of the lung-vessel fields
+            liver = tk == _T["liver"]
+            if liver.any():
+                liver &= np.abs(ves[0](ks) - 0.9) < 0.22
+                liver &= np.abs(ves[1](ks) + 0.9) < 0.22
+                v[liver] += hvessel
         for axis in (0, 1):
             v = correlate1d(v, psf, axis=axis, mode="nearest", output=np.empty_like(v))
         noise = rng.standard_normal(v.shape[::-1], dtype=np.float32).T  # [nx, ny, nk]
@@ -294,7 +369,8 @@ def synth_volume(seed: int, index: int, modality: str = "CT", fov_scale: float =
     affine = ras @ inv_ornt_aff(ornt, t.shape)
     out = {"image": apply_orientation(img, ornt), "tissue": apply_orientation(t, ornt)}  # views
     out["label"] = LABEL_OF_TISSUE[out["tissue"]]
-    return {**out, "affine": affine, "axcodes": codes, "spacing": tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))}
+    return {**out, "affine": affine, "axcodes": codes, "phase": phase,
+            "spacing": tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))}
 
 
 def _check(modality: str, fov_scale: float, **counts) -> str:
@@ -304,6 +380,9 @@ def _check(modality: str, fov_scale: float, **counts) -> str:
         raise ValueError(f"modality {modality!r} is not supported: use 'CT' or 'MR'")
     if not 0.2 <= fov_scale <= 2.0:
         raise ValueError(f"fov_scale={fov_scale}: use 0.2..2.0 (0.3-0.5 for tests, 1.0 for adult-sized volumes)")
+    variation = counts.pop("variation", 0.0)
+    if not (isinstance(variation, (int, float)) and not isinstance(variation, bool) and 0.0 <= variation <= 1.0):
+        raise ValueError(f"variation={variation!r}: use 0..1 (0 = the default phantoms, 1 = the hard, varied ones)")
     for name, v in counts.items():
         if isinstance(v, bool) or int(v) != v or v < (1 if name == "n" else 0):
             raise ValueError(f"{name}={v!r}: must be a {'positive' if name == 'n' else 'non-negative'} integer")
@@ -333,13 +412,14 @@ def _write(path: Path, blob: bytes) -> None:
 
 
 def synth_dataset(out: str | Path, n: int, seed: int = 0, modality: str = "CT", fov_scale: float = 1.0,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, variation: float = 0.0) -> dict:
     """Write ``n`` phantom subjects as an nnU-Net v2 raw dataset in ``out`` and return its dataset.json.
 
     ``fov_scale`` shrinks (or grows) the field of view and the anatomy with it; voxel spacing keeps its
     range (0.6-1.0 mm in-plane, 1.5-5 mm slices), so small scales give small volumes for tests.
-    Stale ``<prefix>_NNN`` cases from an earlier, larger ``n`` in ``out`` are removed."""
-    modality = _check(modality, fov_scale, n=n, seed=seed)
+    Stale ``<prefix>_NNN`` cases from an earlier, larger ``n`` in ``out`` are removed. ``variation`` > 0
+    (up to 1) gives the harder, more varied subjects of ``synth_volume``; 0 writes today's files exactly."""
+    modality = _check(modality, fov_scale, n=n, seed=seed, variation=variation)
     n, out, prefix = int(n), Path(out), PREFIX[modality]
     for sub in ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -352,8 +432,8 @@ def synth_dataset(out: str | Path, n: int, seed: int = 0, modality: str = "CT", 
 
     for i in tqdm(range(n), desc=f"synth {modality}", unit="case", disable=not progress):
         case = f"{prefix}_{i:03d}"
-        v = synth_volume(seed, i, modality, fov_scale)
-        tag = f"medssl synthetic {modality} phantom seed={seed} i={i}"
+        v = synth_volume(seed, i, modality, fov_scale, variation)
+        tag = f"medssl synthetic {modality} phantom seed={seed} i={i}" + (f" var={variation:g}" if variation else "")
         _write(out / "imagesTr" / f"{case}_0000.nii.gz", _nifti_gz(v["image"], v["affine"], tag))
         _write(out / "labelsTr" / f"{case}.nii.gz", _nifti_gz(v["label"], v["affine"], tag))
 
@@ -361,16 +441,20 @@ def synth_dataset(out: str | Path, n: int, seed: int = 0, modality: str = "CT", 
     desc = {"name": f"Phantom{modality}",
             "description": f"Synthetic {kind} torso phantom generated by medssl shards.synth (seed={seed}, "
                            f"fov_scale={fov_scale}); not patient data. Regenerate with: python -m medssl.shards synth "
-                           f"--out DIR --n {n} --seed {seed} --modality {modality} --fov-scale {fov_scale}",
+                           f"--out DIR --n {n} --seed {seed} --modality {modality} --fov-scale {fov_scale}"
+                           + (f" --variation {variation:g}" if variation else ""),
             "reference": "medssl shards/synth.py", "licence": "CC0-1.0", "channel_names": {"0": modality},
             "labels": dict(LABELS), "numTraining": n, "file_ending": ".nii.gz", "seed": seed}
+    if variation:
+        desc["variation"] = variation
     (out / "dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
     return desc
 
 
 def _run_cli(args) -> int:
     try:
-        desc = synth_dataset(args.out, args.n, args.seed, args.modality, args.fov_scale, progress=True)
+        desc = synth_dataset(args.out, args.n, args.seed, args.modality, args.fov_scale, progress=True,
+                             variation=getattr(args, "variation", 0.0))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -419,4 +503,8 @@ does not depend on --n.""",
     p.add_argument("--fov-scale", type=float, default=1.0, metavar="F",
                    help="field-of-view and anatomy scale; 1.0 is adult-sized (~200-260 mm in-plane), "
                         "0.3-0.5 gives tiny volumes for tests (default 1.0)")
+    p.add_argument("--variation", type=float, default=0.0, metavar="V",
+                   help="0..1: inter-subject variation for a harder downstream task -- organ size and position, a CT "
+                        "contrast phase per subject (liver and spleen HU overlap), liver vessels, stronger texture "
+                        "and noise (default 0: the standard phantoms, unchanged)")
     p.set_defaults(func=_run_cli)
