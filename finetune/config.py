@@ -41,6 +41,9 @@ class FTDataConfig:
     crops_per_volume: int = 4  # RandCropByPosNegLabeld num_samples 4
     pos: float = 1.0  # RandCropByPosNegLabeld pos / neg: crops centred on foreground vs anywhere
     neg: float = 1.0
+    pos_centres: str = "voxels"  # official: voxels (any foreground voxel alike, RandCropByPosNegLabeld); classes: a
+    # class drawn uniformly among those the volume holds, then one of its voxels (RandCropByLabelClassesd, equal
+    # ratios), so that small organs are seen as often as large ones
     n_train: int | None = None  # few-shot: the first n of the seeded training order (None: all)
     n_val: int = 1  # validation volumes (best checkpoint on their Dice)
     test_fraction: float = 0.2  # held-out test volumes (at least 1)
@@ -152,6 +155,9 @@ def load_config(overrides: list[str] | None = None, preset: str | None = None, *
                           "pos_embed learned|fixed and cls_token drop|keep (official UNETR: learned, drop)")
     if not 0.0 < cfg.model.layer_decay <= 1.0:
         raise ConfigError(f"model.layer_decay={cfg.model.layer_decay} must be in (0, 1] (1 = off)")
+    if cfg.data.pos_centres not in ("voxels", "classes"):
+        raise ConfigError(f"data.pos_centres={cfg.data.pos_centres!r}: choose voxels (any foreground voxel, the official "
+                          "RandCropByPosNegLabeld) or classes (each class alike, RandCropByLabelClassesd)")
     if cfg.data.n_val < 0 or not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError("data.n_val must be >= 0 and data.test_fraction in [0, 1)")
     return cfg

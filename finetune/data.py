@@ -41,6 +41,14 @@ class Case:
     meta: dict  # prepared meta: affine, spacing, intensity statistics, original geometry
     source: CaseSource
     fg: np.ndarray = field(default=None, repr=False)  # [N, 3] foreground voxel coordinates (subsampled)
+    _by_class: list | None = field(default=None, repr=False)
+
+    def class_centres(self) -> list[np.ndarray]:
+        """The rows of ``fg`` split by label value: one array per class present (ascending class index)."""
+        if self._by_class is None:
+            values = self.label[tuple(self.fg.T)] if len(self.fg) else np.zeros(0, np.uint8)
+            self._by_class = [self.fg[values == v] for v in np.unique(values)]
+        return self._by_class
 
     def normalised(self, window: Window) -> np.ndarray:
         return window.apply(self.image, self.meta)  # [C, X, Y, Z] float32
@@ -223,7 +231,8 @@ def prepare(sources: list[CaseSource], pre: Preprocessing, declared: dict[int, s
 # ----------------------------------------------------------------------------------------- crops
 class CropSampler(torch.utils.data.IterableDataset):
     """Endless training crops: a random training volume per draw, ``crops_per_volume`` crops from it,
-    centred on foreground with probability pos / (pos + neg), else on label 0 (MONAI's ``RandCropByPosNegLabeld``),
+    centred on foreground with probability pos / (pos + neg), else on label 0 (MONAI's ``RandCropByPosNegLabeld``;
+    with ``data.pos_centres=classes`` a foreground centre is a voxel of a class drawn uniformly among the volume's),
     flips / rot90 / intensity scale and shift; batches of ``batch`` crops. Seeded by (seed, rank, worker)."""
 
     def __init__(self, cases: list[Case], window: Window, cfg, batch: int, seed: int, rank: int = 0, start: int = 0):
@@ -245,7 +254,12 @@ class CropSampler(torch.utils.data.IterableDataset):
             img, lab, shift = _pad(case.image, lab, crop, self.window.bounds(case.meta)[0])
             for _ in range(self.cfg.crops_per_volume):
                 if len(case.fg) and rng.random() < p_pos:
-                    centre = case.fg[rng.integers(len(case.fg))] + shift
+                    if self.cfg.pos_centres == "classes":
+                        of_class = case.class_centres()
+                        pick = of_class[rng.integers(len(of_class))]
+                        centre = pick[rng.integers(len(pick))] + shift
+                    else:
+                        centre = case.fg[rng.integers(len(case.fg))] + shift
                 else:  # negatives on label-0 voxels; none (all foreground): on foreground, as MONAI does
                     centre = _background_centre(lab, rng)
                     if centre is None:

@@ -1,71 +1,78 @@
-"""``python -m medssl.pretrain demo``: the README's first command — the whole chain on synthetic phantoms.
+"""``python -m medssl.pretrain demo``: the README's first command — the whole chain on synthetic phantoms, ending
+in the question users pretrain to answer: does pretraining help my segmentation task, beyond the noise?
 
-1. ``shards`` demo: synthesise CT/MRI phantoms, build, verify, describe, stream (see shards/demo.py);
-2. pretrain ``hi_end_mae`` (``--preset tiny``) on those shards with DeepSpeed, as 2 processes under
-   torchrun on the CPU (``--nproc`` to change), checkpointing and exporting at the end;
-3. load the export back with ``load_backbone`` and print what it holds;
-4. synthesise a separate labelled phantom set and fine-tune on a few of its volumes twice — from the
-   export and from scratch (same network, split and seeds) — then print the test Dice table and write
-   ``report.md`` with the overlays (``--finetune-steps 0`` stops after step 3).
+1. ``shards`` demo: synthesise varied CT phantoms (organ shape and position, contrast phase, vessels, texture)
+   plus two MRI ones, build, verify, describe and stream them (see shards/demo.py); these are the unlabelled set;
+2. synthesise a separate labelled CT set of another seed (never seen in pretraining);
+3. run the ablation ``recipes/ablations/demo.yaml`` with the ablation runner (``pretrain ablate``): pretrain
+   ``hi_end_mae`` (tiny) with DeepSpeed as 2 processes under torchrun on the CPU, then fine-tune its export and
+   the same network from scratch on 1 labelled volume for 3 seeds (same split and seed per pair);
+4. print the runner's table: mean test Dice ± std over seeds and the paired 95 % bootstrap interval of
+   pretrained − scratch; ``results.md``, ``results.csv`` and the plots are in ``OUT/ablation``.
+
+Re-running the command skips what is finished (the runner's done markers).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+LABELLED = "Dataset902_PhantomCTLabelled"
 
-def run(out: Path, steps: int, nproc: int, seed: int = 0, ft_steps: int = 150, n_train: int = 4) -> int:
+
+def run(out: Path, steps: int | None = None, nproc: int | None = None, seed: int = 0, ft_steps: int | None = None,
+        n_ct: int = 24, n_labelled: int = 12) -> int:
+    import yaml
+
     from medssl.shards.demo import run as shards_demo
+    from medssl.shards.synth import synth_dataset
 
+    from .ablate import main as ablate_main
+    from .config import RECIPES_DIR
+
+    out = Path(out)
+    spec = yaml.safe_load((RECIPES_DIR / "ablations" / "demo.yaml").read_text())
+    for key, value in (("steps", steps), ("nproc", nproc)):
+        if value is not None:
+            spec["pretrain"][key] = value
+    if ft_steps is not None:
+        spec["finetune"]["steps"] = ft_steps
     t0 = time.time()
-    expect = 0.5 + steps * 0.4 / 60 + (2 * (0.6 + ft_steps * 0.8 / 60) if ft_steps else 0)
-    print(f"medssl demo: data, {steps} pretraining steps of hi_end_mae (tiny) on {nproc} CPU process(es)"
-          + (f", then 2 x {ft_steps} fine-tuning steps (pretrained vs scratch, {n_train} labelled volumes)" if ft_steps else "")
-          + f"; expect about {expect:.0f} minutes on 2 cores")
-    print("[data] the shards part of the demo (python -m medssl.shards demo)")
+    runs = len(spec["finetune"]["seeds"]) * len(spec["finetune"]["n_train"])
+    print(f"medssl demo: varied phantoms, {spec['pretrain']['steps']} pretraining steps of hi_end_mae (tiny) on "
+          f"{spec['pretrain']['nproc']} CPU process(es), then {runs} pretrained + {runs} scratch fine-tuning runs of "
+          f"{spec['finetune']['steps']} steps; expect about 11 minutes on 2 cores")
+    print("[data] the shards part of the demo (python -m medssl.shards demo --variation 1): the unlabelled set")
     with _DataStageLines(sys.stdout):
-        rc = shards_demo(out, seed=seed)
+        rc = shards_demo(out, n_ct=n_ct, seed=seed, variation=1.0)
     if rc:
         return rc
-    print(f"[data] shards ready in {time.time() - t0:.0f} s; pretraining next")
-    run_dir = out / "runs" / "hi_end_mae_tiny"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "medssl.pretrain", "hi_end_mae", "--shards", str(out / "shards"), "--out", str(run_dir),
-           "--preset", "tiny", "--steps", str(steps), "train.log_every=1", f"train.checkpoint_every={max(1, steps // 2)}",
-           f"train.picture_every={max(1, steps // 2)}"]
-    print("[pretrain]", " ".join(cmd[2:]))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.setdefault("WANDB_MODE", "offline")
-    rc = subprocess.call(cmd, env=env)
-    if rc:
-        print(f"pretraining failed (exit {rc})", file=sys.stderr)
-        return rc
-    from .export import load_backbone, read_manifest
-
-    print("[export] loading it back")
-    manifest = read_manifest(run_dir / "export")
-    model = load_backbone(run_dir / "export")
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"  {run_dir / 'export'}: {manifest['backbone']['name']} ({manifest['weights']['parameters'] / 1e6:.2f} M "
-          f"parameters), step {manifest['step']}, {manifest['samples_seen']} crops seen, spacing "
-          f"{manifest['preprocessing']['spacing']} mm, CT window {manifest['preprocessing']['intensity']['CT']['window']}")
-    head, tail = metrics[:10], metrics[-10:]  # single-batch losses are noisy: compare means of 10 steps
-    mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
-    print(f"  loss {mean(head):.4f} (steps {head[0]['step']}-{head[-1]['step']}) -> {mean(tail):.4f} "
-          f"(steps {tail[0]['step']}-{tail[-1]['step']}); pictures in {run_dir / 'pictures'}")
-    print(f"  features: {[tuple(f.shape) for f in model.forward_features(__import__('torch').zeros(1, 1, *manifest['preprocessing']['crop_size']))]}")
-    if ft_steps:
-        rc = finetune_demo(out, run_dir / "export", ft_steps, n_train, seed, env)
-        if rc:
-            return rc
+    data = out / "raw" / LABELLED
+    print(f"[data] synthesising {n_labelled} labelled CT phantoms of another seed (not seen in pretraining) in {data}")
+    synth_dataset(data, n=n_labelled, seed=seed + 1000, modality="CT", fov_scale=0.6, variation=1.0, progress=False)
+    spec["shards"] = [str((out / "shards").resolve())]
+    spec["dataset"] = str(data.resolve())
+    spec["pretrain"]["seed"] = seed
+    file = out / "ablation.yaml"
+    file.write_text("# written by python -m medssl.pretrain demo from recipes/ablations/demo.yaml (paths filled in);\n"
+                    f"# re-run or edit: python -m medssl.pretrain ablate {file} --out {out / 'ablation'}\n"
+                    + yaml.safe_dump(spec, sort_keys=False))
+    print(f"[data] ready in {time.time() - t0:.0f} s; the ablation runner next: {file}")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    rc = ablate_main([str(file), "--out", str(out / "ablation")])
+    results = out / "ablation" / "results.md"
+    if results.is_file():
+        table = [line for line in results.read_text().splitlines() if line.startswith("|")]
+        print("\n".join(table))
+        print(f"Mean test Dice over the 6 organs and {spec['finetune']['overrides']['data.test_fraction']:.0%} of the "
+              "labelled phantoms held out per seed; the interval is the runner's paired bootstrap over seeds × test "
+              f"volumes. A CPU-sized run: the table shows how large the noise is at this scale.\nresults: {results}")
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
-    return 0
+    return rc
 
 
 class _DataStageLines:
@@ -101,45 +108,13 @@ class _DataStageLines:
         return False
 
 
-def finetune_demo(out: Path, export: Path, steps: int, n_train: int, seed: int, env: dict) -> int:
-    """Labelled phantoms → fine-tune from the export and from scratch → Dice table + report.md."""
-    from medssl.finetune.report import write_report
-    from medssl.shards.synth import synth_dataset
-
-    data = out / "raw" / "Dataset902_PhantomCTLabelled"
-    print(f"[finetune] synthesising 8 labelled CT phantoms (another seed, not seen in pretraining) in {data}")
-    synth_dataset(data, n=8, seed=seed + 1000, modality="CT", fov_scale=0.6)
-    runs = []
-    for init in ("pretrained", "scratch"):
-        run_dir = out / "finetune" / init
-        cmd = [sys.executable, "-m", "medssl.finetune", "--export", str(export), "--data", str(data), "--out", str(run_dir),
-               "--init", init, "--preset", "tiny", "--steps", str(steps), "--n-train", str(n_train),
-               "data.crop_size=[48,48,48]", f"train.eval_every={max(1, steps // 4)}", "data.test_fraction=0.25"]
-        print(f"[finetune {init}]", " ".join(cmd[2:]))
-        rc = subprocess.call(cmd, env={**env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))})
-        if rc:
-            print(f"fine-tuning ({init}) failed (exit {rc})", file=sys.stderr)
-            return rc
-        runs.append(run_dir)
-    report = out / "report.md"
-    table = write_report(runs, report, title="medssl demo: hi_end_mae (tiny) pretrained vs scratch",
-                         preface=f"Pretrained on 8 CT + 2 MRI phantoms for the demo's pretraining steps; fine-tuned for "
-                                 f"{steps} steps on {n_train} labelled phantoms of another seed. A CPU-sized smoke run: "
-                                 "the numbers show the chain works, not what pretraining is worth at scale.")
-    print(table)
-    print(f"report with overlays: {report}")
-    return 0
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medssl.pretrain demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo", help="working folder (default: demo)")
-    p.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300, about 2.5 min on 2 cores)")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps per run (default 150; 0 skips "
-                                                                     "fine-tuning)")
-    p.add_argument("--n-train", type=int, default=4, help="labelled training volumes for fine-tuning (default 4)")
+    p.add_argument("--steps", type=int, help="pretraining steps (default: recipes/ablations/demo.yaml's)")
+    p.add_argument("--nproc", type=int, help="pretraining processes (default: demo.yaml's, 2)")
+    p.add_argument("--seed", type=int, default=0, help="phantom and pretraining seed (labelled set: seed + 1000)")
+    p.add_argument("--finetune-steps", type=int, help="fine-tuning steps per run (default: demo.yaml's)")
     a = p.parse_args(argv)
-    return run(Path(a.out), a.steps, a.nproc, a.seed, a.finetune_steps, a.n_train)
+    return run(Path(a.out), a.steps, a.nproc, a.seed, a.finetune_steps)

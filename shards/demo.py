@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 
-def run(out: str | Path, n_ct: int = 8, n_mr: int = 2, fov_scale: float = 0.6, seed: int = 0) -> int:
+def run(out: str | Path, n_ct: int = 8, n_mr: int = 2, fov_scale: float = 0.6, seed: int = 0,
+        variation: float = 0.0) -> int:
     from . import stream
     from .build import BuildConfig, build, summary
     from .synth import synth_dataset
@@ -19,9 +20,12 @@ def run(out: str | Path, n_ct: int = 8, n_mr: int = 2, fov_scale: float = 0.6, s
 
     out = Path(out)
     t0 = time.time()
-    print(f"[1/5] synthesising {n_ct} CT and {n_mr} MRI phantoms (nnU-Net raw layout) in {out / 'raw'}")
-    synth_dataset(out / "raw" / "Dataset900_PhantomCT", n=n_ct, seed=seed, modality="CT", fov_scale=fov_scale)
-    synth_dataset(out / "raw" / "Dataset901_PhantomMR", n=n_mr, seed=seed, modality="MR", fov_scale=fov_scale)
+    varied = f", subject variation {variation:g}" if variation else ""
+    print(f"[1/5] synthesising {n_ct} CT and {n_mr} MRI phantoms{varied} (nnU-Net raw layout) in {out / 'raw'}")
+    synth_dataset(out / "raw" / "Dataset900_PhantomCT", n=n_ct, seed=seed, modality="CT", fov_scale=fov_scale,
+                  variation=variation)
+    synth_dataset(out / "raw" / "Dataset901_PhantomMR", n=n_mr, seed=seed, modality="MR", fov_scale=fov_scale,
+                  variation=variation)
 
     print(f"[2/5] building shards (RAS, 1.5 mm, CT int16 HU / MRI float16) in {out / 'shards'}")
     cfg = BuildConfig(inputs=[str(out / "raw" / "Dataset900_PhantomCT"), str(out / "raw" / "Dataset901_PhantomMR")],
@@ -68,4 +72,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--n-mr", type=int, default=2, help="MRI phantoms (default 2)")
     p.add_argument("--fov-scale", type=float, default=0.6, help="phantom field-of-view scale (default 0.6)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: run(a.out, a.n_ct, a.n_mr, a.fov_scale, a.seed))
+    p.add_argument("--variation", type=float, default=0.0,
+                   help="subject variation 0..1 (organ shape and position, contrast phase, vessels, texture; default 0)")
+    p.set_defaults(func=lambda a: run(a.out, a.n_ct, a.n_mr, a.fov_scale, a.seed, a.variation))

@@ -136,6 +136,7 @@ def test_axes_expand_into_named_cells():
     ({"finetune": {**FT, "overrides": {"data.crop_sise": [32, 32, 32]}}}, "unknown key 'data.crop_sise'"),
     ({"grid": {"recipe": "hi_end_mae", "axes": {"task.mask_ratio": [1.5]}}}, "task.mask_ratio=1.5"),
     ({"grid": None}, "no cells"),
+    ({"cells": [{"name": "a", "recipe": "hi_end_mae", "steps": 0}], "grid": None}, "steps=0 must be a whole number"),
 ])
 def test_bad_files_exit_2_with_one_message_and_nothing_made(tmp_path, built, phantoms, change, needle):
     f = write(tmp_path, spec(built, phantoms, **change))
@@ -161,6 +162,12 @@ def test_plan_pairs_pretrained_and_scratch_runs(tmp_path, built, phantoms):
     assert ablate.command(p["pretrain"][0])[1:3] == ["-m", "medssl.pretrain"]
     two = dict(p["pretrain"][0], nproc=2)
     assert ablate.command(two)[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    # a cell's own steps (recipes differ in step cost) replace pretrain.steps for that cell only
+    s = spec(built, phantoms, grid=None, cells=[{"name": "a", "recipe": "hi_end_mae"},
+                                                {"name": "b", "recipe": "hi_end_mae", "steps": 7}])
+    p = ablate.plan(ablate.load(write(tmp_path, s, "steps.yaml")), tmp_path / "out2")
+    steps = {e["cell"]: e["args"][e["args"].index("--steps") + 1] for e in p["pretrain"]}
+    assert steps == {"a": str(s["pretrain"]["steps"]), "b": "7"}
 
 
 def test_slurm_scripts_chain_the_stages(tmp_path, built, phantoms):
@@ -242,6 +249,7 @@ def grid(built, phantoms, tmp_path_factory):
     for tar in broken.glob("*.tar"):
         tar.unlink()  # index.json still lists them: the stream finds every shard missing and gives up
     s = spec(built, phantoms)
+    s["finetune"]["jobs"] = 2  # the second run fine-tunes two runs at a time
     s["grid"] = [s["grid"], {"name": "broken", "recipe": "hi_end_mae", "shards": [str(broken)],
                              "axes": {"task.mask_ratio": [0.75]}}]
     f = write(base, s)

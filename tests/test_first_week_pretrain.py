@@ -229,20 +229,33 @@ def test_point8_plain_progress_lines_and_start_summary(run):
 
 
 def test_point8_demo_does_not_announce_the_end_before_pretraining(monkeypatch, capsys, tmp_path):
+    import yaml
+
+    import medssl.pretrain.ablate as ablate
     import medssl.pretrain.demo as demo
     import medssl.shards.demo as shards_demo
+    import medssl.shards.synth as synth
 
-    def fake_shards(out, seed=0):
+    def fake_shards(out, n_ct=8, seed=0, variation=0.0):
         print("[1/5] synthesising")
         print("demo finished in 2 s; outputs in " + str(out))
         return 0
 
     monkeypatch.setattr(shards_demo, "run", fake_shards)
-    monkeypatch.setattr(demo.subprocess, "call", lambda *a, **k: 3)
-    assert demo.run(tmp_path, steps=2, nproc=1, ft_steps=0) == 3
+    monkeypatch.setattr(synth, "synth_dataset", lambda *a, **k: {})
+    calls = []
+    monkeypatch.setattr(ablate, "main", lambda argv: calls.append(argv) or 3)
+    assert demo.run(tmp_path, steps=2, nproc=1, ft_steps=5) == 3  # the runner's exit status
     printed = capsys.readouterr().out
-    assert "[1/5] synthesising" in printed and "shards ready in" in printed
-    assert "demo finished" not in printed
+    assert "[1/5] synthesising" in printed and "the ablation runner next" in printed
+    assert printed.count("demo finished") == 1 and printed.rstrip().splitlines()[-1].startswith("demo finished")
+    # the runner gets the packaged demo ablation with this demo's paths and the command line's budgets
+    assert calls == [[str(tmp_path / "ablation.yaml"), "--out", str(tmp_path / "ablation")]]
+    spec = yaml.safe_load((tmp_path / "ablation.yaml").read_text())
+    assert spec["pretrain"]["steps"] == 2 and spec["pretrain"]["nproc"] == 1 and spec["finetune"]["steps"] == 5
+    assert spec["shards"] == [str((tmp_path / "shards").resolve())]
+    assert spec["dataset"] == str((tmp_path / "raw" / demo.LABELLED).resolve())
+    assert [c["recipe"] for c in spec["cells"]] == ["hi_end_mae"] and len(spec["finetune"]["seeds"]) >= 2
 
 
 # ------------------------------------------------------------------------------------------- point 9

@@ -194,7 +194,7 @@ def test_finetune_negative_crops_are_centred_on_label_0(one_thread):
     image = np.where(label > 0, 40, -1000).astype(np.int16)[None]
     case = Case("c", image, label, {"modality": "CT"}, None, np.argwhere(label[::2, ::2, ::2] > 0) * 2)
     data = SimpleNamespace(crop_size=[16, 16, 16], pos=0, neg=1, crops_per_volume=4, flip_prob=0.0, rot90_prob=0.0,
-                           intensity_prob=0.0)
+                           intensity_prob=0.0, pos_centres="voxels")
     sampler = CropSampler([case], Window(), SimpleNamespace(data=data), batch=40, seed=0)
     centre = next(iter(sampler))["label"][:, 0, 8, 8, 8].numpy()
     assert (centre == 0).all(), "negatives centred on background (uniform centres hit the organ)"
@@ -209,3 +209,27 @@ def test_finetune_negative_crops_are_centred_on_label_0(one_thread):
     got = {tuple(_background_centre(scarce, rng)) for _ in range(40)}
     assert got == {(3, 4, 5), (10, 2, 7)}
     assert _background_centre(np.ones((1, 4, 4, 4), np.uint8), rng) is None
+
+
+def test_finetune_class_centres_see_small_organs_as_often_as_large(one_thread):
+    """data.pos_centres=classes: each class present is a crop centre equally often (RandCropByLabelClassesd with
+    equal ratios); the official voxels mode draws centres in proportion to the classes' volumes."""
+    from types import SimpleNamespace
+
+    from medssl.finetune.data import Case, CropSampler
+    from medssl.shards.crops import Window
+
+    label = np.zeros((64, 64, 64), np.uint8)
+    label[8:56, 8:56, 8:40] = 1  # a large organ: 73,728 voxels
+    label[44:52, 44:52, 48:56] = 2  # a small one: 512 voxels, ~0.7 % of the foreground
+    image = np.where(label > 0, 40, -1000).astype(np.int16)[None]
+    case = Case("c", image, label, {"modality": "CT"}, None, np.argwhere(label[::2, ::2, ::2] > 0) * 2)
+    data = SimpleNamespace(crop_size=[8, 8, 8], pos=1, neg=0, crops_per_volume=4, flip_prob=0.0, rot90_prob=0.0,
+                           intensity_prob=0.0, pos_centres="classes")
+    centres = next(iter(CropSampler([case], Window(), SimpleNamespace(data=data), batch=400, seed=0)))["label"]
+    small = (centres[:, 0, 4, 4, 4] == 2).float().mean().item()
+    assert 0.4 < small < 0.6, small
+    assert set(centres[:, 0, 4, 4, 4].unique().tolist()) == {1, 2}
+    data.pos_centres = "voxels"
+    centres = next(iter(CropSampler([case], Window(), SimpleNamespace(data=data), batch=400, seed=0)))["label"]
+    assert (centres[:, 0, 4, 4, 4] == 2).float().mean().item() < 0.05
