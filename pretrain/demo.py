@@ -45,7 +45,8 @@ def run(out: Path, steps: int | None = None, nproc: int | None = None, seed: int
     runs = len(spec["finetune"]["seeds"]) * len(spec["finetune"]["n_train"])
     print(f"medssl demo: varied phantoms, {spec['pretrain']['steps']} pretraining steps of hi_end_mae (tiny) on "
           f"{spec['pretrain']['nproc']} CPU process(es), then {runs} pretrained + {runs} scratch fine-tuning runs of "
-          f"{spec['finetune']['steps']} steps; expect about 11 minutes on 2 cores")
+          f"{spec['finetune']['steps']} steps; expect about 9 minutes on 2 cores (the first DeepSpeed start on a "
+          "machine adds 1-3 min to build its op)")
     print("[data] the shards part of the demo (python -m medssl.shards demo --variation 1): the unlabelled set")
     with _DataStageLines(sys.stdout):
         rc = shards_demo(out, n_ct=n_ct, seed=seed, variation=1.0)
@@ -66,8 +67,9 @@ def run(out: Path, steps: int | None = None, nproc: int | None = None, seed: int
     rc = ablate_main([str(file), "--out", str(out / "ablation")])
     results = out / "ablation" / "results.md"
     if results.is_file():
-        table = [line for line in results.read_text().splitlines() if line.startswith("|")]
-        print("\n".join(table))
+        lines = results.read_text().splitlines()
+        print("\n".join(ln if ln.startswith("|") else "" for i, ln in enumerate(lines)  # the tables, a gap between
+                        if ln.startswith("|") or (0 < i < len(lines) - 1 and lines[i - 1].startswith("|"))))
         print(f"Mean test Dice over the 6 organs and {spec['finetune']['overrides']['data.test_fraction']:.0%} of the "
               "labelled phantoms held out per seed; the interval is the runner's paired bootstrap over seeds × test "
               f"volumes. A CPU-sized run: the table shows how large the noise is at this scale.\nresults: {results}")

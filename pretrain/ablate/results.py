@@ -203,17 +203,19 @@ def _plots(abl: Ablation, p: dict, summary: dict, order: list, out: Path) -> lis
     made = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
-    for cell in order:
+    shown = [c for c in order if any((c, n) in summary and summary[(c, n)]["mean"] is not None
+                                     for n in abl.ft["n_train"])]
+    for k, cell in enumerate(shown):
         pts = [(n, summary[(cell, n)]) for n in abl.ft["n_train"] if (cell, n) in summary and summary[(cell, n)]["mean"]
                is not None]
-        if not pts:
-            continue
-        xs = [n for n, _ in pts]
+        dodge = 2 ** (0.05 * (k - (len(shown) - 1) / 2))  # side by side, so that error bars do not hide each other
+        xs = [n * dodge for n, _ in pts]
         ax.errorbar(xs, [s["mean"] for _, s in pts], yerr=[s["std"] or 0.0 for _, s in pts], marker="o", capsize=3,
                     linestyle="--" if cell.startswith("scratch") else "-", label=cell)
         drawn = True
     if drawn:
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(abl.ft["n_train"]) / 1.6, max(abl.ft["n_train"]) * 1.6)
         ax.set_xticks(abl.ft["n_train"], [str(n) for n in abl.ft["n_train"]])
         ax.set_xlabel("labelled training volumes")
         ax.set_ylabel("mean test Dice (error bars: std over seeds)")
@@ -229,15 +231,19 @@ def _plots(abl: Ablation, p: dict, summary: dict, order: list, out: Path) -> lis
         if rows:
             curves.setdefault(e["recipe"], []).append((e["cell"], rows))
     if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(curves), figsize=(max(7.0, 5.5 * len(curves)), 4.2), squeeze=False)
         for ax, (recipe, cs) in zip(axes[0], sorted(curves.items())):
             for cell, rows in cs:
-                ax.plot([s for s, _ in rows], [v for _, v in rows], label=cell, linewidth=1)
+                steps, vals = [s for s, _ in rows], [v for _, v in rows]
+                line, = ax.plot(steps, vals, linewidth=0.6, alpha=0.35)
+                w = max(1, len(vals) // 20)  # a running mean over ~5 % of the curve: the trend through the noise
+                smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1]) for i in range(len(vals))]
+                ax.plot(steps, smooth, color=line.get_color(), linewidth=1.6, label=cell)
             ax.set_title(recipe)
             ax.set_xlabel("step")
             ax.set_ylabel("pretext loss")
             ax.legend(fontsize=7)
-        fig.suptitle("pretext loss per cell: one panel per recipe (raw values; the recipes' losses differ in scale)")
+        fig.suptitle("pretext loss per cell, one panel per recipe (thin: as logged; thick: running mean)", fontsize=10)
         fig.tight_layout()
         _save(fig, out / "pretext_loss.png")
         plt.close(fig)
