@@ -1,0 +1,209 @@
+"""``hymamba3d`` against MambaMIM's official encoder: the state-dict keys and shapes of the released
+``*_mambamim_timm_style.pth`` (listed below from the official ``Encoder``/``SparseEncoder`` classes at 96³, blocks
+1-3 of ``mae`` repeat block 0), parameter counts, feature shapes per level, and the masked (SparK-style) path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medssl.pretrain.backbones import build_backbone
+from medssl.pretrain.backbones.hymamba3d import OFFICIAL_UNUSED
+
+OFFICIAL_KEYS = """
+embeddings.stem.weight (32,1,3,3,3)
+embeddings.stem.bias (32,)
+embeddings.layer2.0.conv1.weight (64,1,3,3,3)
+embeddings.layer2.0.conv1.bias (64,)
+embeddings.layer2.0.norm.weight (64,)
+embeddings.layer2.0.norm.bias (64,)
+embeddings.layer2.0.conv2.weight (128,64,1,1,1)
+embeddings.layer2.0.conv2.bias (128,)
+embeddings.layer2.0.conv3.weight (64,128,1,1,1)
+embeddings.layer2.0.conv3.bias (64,)
+embeddings.layer2.1.conv1.weight (64,1,3,3,3)
+embeddings.layer2.1.conv1.bias (64,)
+embeddings.layer2.1.norm.weight (64,)
+embeddings.layer2.1.norm.bias (64,)
+embeddings.layer2.1.conv2.weight (128,64,1,1,1)
+embeddings.layer2.1.conv2.bias (128,)
+embeddings.layer2.1.conv3.weight (64,128,1,1,1)
+embeddings.layer2.1.conv3.bias (64,)
+embeddings.layer3.0.conv1.weight (128,1,3,3,3)
+embeddings.layer3.0.conv1.bias (128,)
+embeddings.layer3.0.norm.weight (128,)
+embeddings.layer3.0.norm.bias (128,)
+embeddings.layer3.0.conv2.weight (512,128,1,1,1)
+embeddings.layer3.0.conv2.bias (512,)
+embeddings.layer3.0.conv3.weight (128,512,1,1,1)
+embeddings.layer3.0.conv3.bias (128,)
+embeddings.layer3.1.conv1.weight (128,1,3,3,3)
+embeddings.layer3.1.conv1.bias (128,)
+embeddings.layer3.1.norm.weight (128,)
+embeddings.layer3.1.norm.bias (128,)
+embeddings.layer3.1.conv2.weight (512,128,1,1,1)
+embeddings.layer3.1.conv2.bias (512,)
+embeddings.layer3.1.conv3.weight (128,512,1,1,1)
+embeddings.layer3.1.conv3.bias (128,)
+embeddings.layer4.0.conv1.weight (192,1,3,3,3)
+embeddings.layer4.0.conv1.bias (192,)
+embeddings.layer4.0.norm.weight (192,)
+embeddings.layer4.0.norm.bias (192,)
+embeddings.layer4.0.conv2.weight (768,192,1,1,1)
+embeddings.layer4.0.conv2.bias (768,)
+embeddings.layer4.0.conv3.weight (192,768,1,1,1)
+embeddings.layer4.0.conv3.bias (192,)
+embeddings.layer4.1.conv1.weight (192,1,3,3,3)
+embeddings.layer4.1.conv1.bias (192,)
+embeddings.layer4.1.norm.weight (192,)
+embeddings.layer4.1.norm.bias (192,)
+embeddings.layer4.1.conv2.weight (768,192,1,1,1)
+embeddings.layer4.1.conv2.bias (768,)
+embeddings.layer4.1.conv3.weight (192,768,1,1,1)
+embeddings.layer4.1.conv3.bias (192,)
+embeddings.layer5.0.conv1.weight (384,1,3,3,3)
+embeddings.layer5.0.conv1.bias (384,)
+embeddings.layer5.0.norm.weight (384,)
+embeddings.layer5.0.norm.bias (384,)
+embeddings.layer5.0.conv2.weight (1536,384,1,1,1)
+embeddings.layer5.0.conv2.bias (1536,)
+embeddings.layer5.0.conv3.weight (384,1536,1,1,1)
+embeddings.layer5.0.conv3.bias (384,)
+embeddings.expend1.weight (64,32,3,3,3)
+embeddings.expend1.bias (64,)
+embeddings.expend2.weight (128,64,3,3,3)
+embeddings.expend2.bias (128,)
+embeddings.expend3.weight (192,128,3,3,3)
+embeddings.expend3.bias (192,)
+embeddings.expend4.weight (384,192,3,3,3)
+embeddings.expend4.bias (384,)
+embeddings.encoder1.conv1.weight (64,64,3,3,3)
+embeddings.encoder1.conv1.bias (64,)
+embeddings.encoder1.conv2.weight (64,64,3,3,3)
+embeddings.encoder1.conv2.bias (64,)
+embeddings.encoder1.norm1.weight (64,)
+embeddings.encoder1.norm1.bias (64,)
+embeddings.encoder1.norm2.weight (64,)
+embeddings.encoder1.norm2.bias (64,)
+embeddings.encoder2.conv1.weight (128,128,3,3,3)
+embeddings.encoder2.conv1.bias (128,)
+embeddings.encoder2.conv2.weight (128,128,3,3,3)
+embeddings.encoder2.conv2.bias (128,)
+embeddings.encoder2.norm1.weight (128,)
+embeddings.encoder2.norm1.bias (128,)
+embeddings.encoder2.norm2.weight (128,)
+embeddings.encoder2.norm2.bias (128,)
+embeddings.encoder3.conv1.weight (192,192,3,3,3)
+embeddings.encoder3.conv1.bias (192,)
+embeddings.encoder3.conv2.weight (192,192,3,3,3)
+embeddings.encoder3.conv2.bias (192,)
+embeddings.encoder3.norm1.weight (192,)
+embeddings.encoder3.norm1.bias (192,)
+embeddings.encoder3.norm2.weight (192,)
+embeddings.encoder3.norm2.bias (192,)
+embeddings.encoder4.conv1.weight (384,384,3,3,3)
+embeddings.encoder4.conv1.bias (384,)
+embeddings.encoder4.conv2.weight (384,384,3,3,3)
+embeddings.encoder4.conv2.bias (384,)
+embeddings.encoder4.norm1.weight (384,)
+embeddings.encoder4.norm1.bias (384,)
+embeddings.encoder4.norm2.weight (384,)
+embeddings.encoder4.norm2.bias (384,)
+mae.pos_embed (1,216,384)
+mae.mask_token (1,1,384)
+mae.blocks.0.norm1.weight (384,)
+mae.blocks.0.norm1.bias (384,)
+mae.blocks.0.mamba.A_log (768,16)
+mae.blocks.0.mamba.D (768,)
+mae.blocks.0.mamba.A_b_log (768,16)
+mae.blocks.0.mamba.D_b (768,)
+mae.blocks.0.mamba.in_proj.weight (1536,384)
+mae.blocks.0.mamba.conv1d.weight (768,1,4)
+mae.blocks.0.mamba.conv1d.bias (768,)
+mae.blocks.0.mamba.x_proj.weight (56,768)
+mae.blocks.0.mamba.dt_proj.weight (768,24)
+mae.blocks.0.mamba.dt_proj.bias (768,)
+mae.blocks.0.mamba.conv1d_b.weight (768,1,4)
+mae.blocks.0.mamba.conv1d_b.bias (768,)
+mae.blocks.0.mamba.x_proj_b.weight (56,768)
+mae.blocks.0.mamba.dt_proj_b.weight (768,24)
+mae.blocks.0.mamba.dt_proj_b.bias (768,)
+mae.blocks.0.mamba.out_proj.weight (384,768)
+mae.blocks.0.mlp.fc1.weight (768,384)
+mae.blocks.0.mlp.fc1.bias (768,)
+mae.blocks.0.mlp.fc2.weight (384,768)
+mae.blocks.0.mlp.fc2.bias (384,)
+mae.blocks.0.norm2.weight (384,)
+mae.blocks.0.norm2.bias (384,)
+"""
+
+
+def official_state_shapes() -> dict:
+    out = {}
+    for line in OFFICIAL_KEYS.strip().splitlines():
+        key, shape = line.split()
+        dims = tuple(int(d) for d in shape.strip("()").split(",") if d)
+        if key.startswith("mae.blocks.0."):
+            for i in range(4):
+                out[key.replace("mae.blocks.0.", f"mae.blocks.{i}.")] = dims
+        else:
+            out[key] = dims
+    return out
+
+
+def test_keys_and_shapes_match_the_official_encoder():
+    official = official_state_shapes()
+    assert sum(torch.Size(s).numel() for s in official.values()) == 22_725_760  # the released file, 86.7 MiB fp32
+    with torch.device("meta"):
+        model = build_backbone("hymamba3d", img_size=96)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    unused = {k for k in official if any(u in k for u in OFFICIAL_UNUSED)}
+    assert len(unused) == 4 * 7 + 1  # the backward branch of 4 Mamba blocks (7 tensors each) + mae.mask_token
+    assert ours == {k: v for k, v in official.items() if k not in unused}
+    trainable = sum(p.numel() for p in model.parameters())
+    assert trainable == 22_725_760 - 82_944 - 384 - 4 * 79_104  # less pos_embed (fixed), mask_token, backward branch
+
+
+def test_features_per_level_and_the_sin_cos_table():
+    model = build_backbone("hymamba3d_tiny", img_size=32)
+    assert model.feature_channels == [16, 32, 48, 96, 96] and model.feature_strides == [1, 2, 4, 8, 16]
+    feats = model.forward_features(torch.randn(2, 1, 32, 32, 32))
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 32, 32, 32), (2, 32, 16, 16, 16), (2, 48, 8, 8, 8),
+                                               (2, 96, 4, 4, 4), (2, 96, 2, 2, 2)]
+    pe = build_backbone("hymamba3d", img_size=96).mae.pos_embed  # [1, 216, 384]: x slowest, z fastest
+    k = torch.arange(64, dtype=torch.float64)
+    omega = 1.0 / 10000 ** (k / 64)
+    x, y, z = 1, 2, 3
+    want = torch.cat([torch.sin(x * omega), torch.cos(x * omega), torch.sin(y * omega), torch.cos(y * omega),
+                      torch.sin(z * omega), torch.cos(z * omega)]).float()
+    assert torch.allclose(pe[0, 36 * x + 6 * y + z], want, atol=1e-6)
+
+
+def test_masked_path_keeps_masked_positions_at_zero_and_visible_tokens_exact():
+    torch.manual_seed(0)
+    model = build_backbone("hymamba3d_tiny", img_size=32).eval()
+    x = torch.randn(3, 1, 32, 32, 32)
+    active = torch.zeros(3, 8, dtype=torch.bool)
+    for b in range(3):
+        active[b, torch.randperm(8)[:2]] = True  # 2 of 8 visible per sample (75 % masked)
+    active = active.view(3, 1, 2, 2, 2)
+    feats = model.forward_features(x, active)
+    for f, stride in zip(feats, model.feature_strides):
+        m = active.repeat_interleave(16 // stride, 2).repeat_interleave(16 // stride, 3).repeat_interleave(16 // stride, 4)
+        assert (f * (~m)).abs().max() == 0, stride  # masked positions stay zero at every level
+        assert (f * m).abs().sum() > 0
+    # the Mamba stage sees only each sample's visible tokens, in raster order: its output on a visible token
+    # equals a dense run on the visible tokens alone
+    deep = model.embeddings(x, active)[-1]
+    b = 1
+    vis = active[b].flatten()
+    t = deep[b:b + 1].flatten(2).transpose(1, 2) + model.mae.pos_embed
+    t = t[:, vis]
+    for blk in model.mae.blocks:
+        t = blk(t)
+    got = feats[-1][b].flatten(1).transpose(0, 1)[vis]
+    assert torch.allclose(got, t[0], atol=1e-5)
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        bad = active.clone()
+        bad[0, 0, 0, 0, 0] = ~bad[0, 0, 0, 0, 0]
+        model.forward_features(x, bad)
