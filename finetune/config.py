@@ -20,7 +20,8 @@ from medssl.pretrain.config import ConfigError, ConfigIO, merge, parse_override,
 @dataclass
 class FTModelConfig:
     arch: str = "auto"  # auto: the export's pretrained decoder if it carries one (Volume Fusion), else unetr for
-    #                     ViTs / unet for multi-scale CNNs | unetr | unet |
+    #                     ViTs / hymamba (MambaMIM's official decoder) for hymamba3d / unet for other multi-scale
+    #                     CNNs | unetr | unet | hymamba |
     #                     monai_swinunetr | monai_unetr (MONAI networks for MONAI self-supervised weights)
     backbone: str = ""  # registry name; only for `--init scratch` without an export
     feature_size: int = 32  # decoder widths feature_size × 1, 2, 4, 8 [Hi-End-MAE downstream/main.py, UNETR-BTCV]

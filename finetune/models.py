@@ -5,7 +5,8 @@
   ``UnetrPrUpBlock`` to 2, 4 and 8 × the token grid, the final tokens merged back up with ``UnetrUpBlock``
   over four ×2 levels, a resize to the crop when 16 × grid ≠ crop, and a ``UnetOutBlock`` head
   (Hatamizadeh et al. 2022; the official Hi-End-MAE downstream network for patch 12).
-* Multi-scale backbones (CNN, hybrid: strides that grow) get a UNet decoder of MONAI's ``UnetUpBlock``
+* ``hymamba3d`` (MambaMIM) gets the official downstream decoder (``HyMambaDecoder``).
+* Other multi-scale backbones (CNN, hybrid: strides that grow) get a UNet decoder of MONAI's ``UnetUpBlock``
   from the deepest feature up, with a full-resolution stem block when the finest feature is strided.
 
 Nothing is looked up by layer name: the decoder reads ``feature_strides`` / ``feature_channels`` of the
@@ -139,6 +140,36 @@ class UNetDecoder(nn.Module):
         return y
 
 
+class HyMambaDecoder(nn.Module):
+    """MambaMIM's downstream decoder (``build_hybird`` in ``models/network/hymamba.py``) for ``hymamba3d``: MONAI
+    ``UnetrUpBlock`` (instance norm, residual) from the Mamba stage up through the four skips — 384 → 384 → 192 →
+    128 → 64 at the official widths — then the encoder's own residual block 64 → 32 (channels-first LayerNorm) and
+    a 1³ ``UnetOutBlock``; 19,115,758 parameters for 14 classes, as the official network."""
+
+    def __init__(self, channels: list[int], out_channels: int):
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrUpBlock
+
+        from medssl.pretrain.backbones.hymamba3d import ResBlock3d
+
+        if len(channels) != 5:
+            raise ValueError(f"the MambaMIM decoder takes 5 features (hymamba3d); got channels {channels}")
+        self.ups = nn.ModuleList(UnetrUpBlock(3, channels[k + 1], channels[k], kernel_size=3, upsample_kernel_size=2,
+                                              norm_name="instance", res_block=True) for k in range(4))
+        self.last = ResBlock3d(channels[0], channels[0] // 2)
+        self.head = UnetOutBlock(3, channels[0] // 2, out_channels)
+
+    def summary_levels(self) -> list[tuple[str, nn.Module]]:
+        return [(f"ups.{k}", m) for k, m in reversed(list(enumerate(self.ups)))] + [("last", self.last),
+                                                                                  ("head", self.head)]
+
+    def forward(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        y = feats[-1]
+        for k in reversed(range(4)):
+            y = self.ups[k](y, feats[k])
+        return self.head(self.last(y))
+
+
 class SegmentationNet(nn.Module):
     """Backbone + decoder; ``forward(x [B, C, X, Y, Z]) → logits [B, K, X, Y, Z]``."""
 
@@ -162,8 +193,10 @@ class SegmentationNet(nn.Module):
 def make_decoder(backbone: nn.Module, arch: str, in_channels: int, out_channels: int, cfg) -> tuple[str, nn.Module]:
     strides, chans = list(backbone.feature_strides), list(backbone.feature_channels)
     if arch == "auto":
-        arch = "unetr" if len(set(strides)) == 1 else "unet"
+        arch = getattr(backbone, "downstream_decoder", None) or ("unetr" if len(set(strides)) == 1 else "unet")
     m = cfg.model
+    if arch == "hymamba":
+        return arch, HyMambaDecoder(chans, out_channels)
     if arch == "unetr":
         if len(set(strides)) != 1:
             raise ValueError(f"model.arch=unetr needs features at one stride; this backbone gives {strides} (use unet)")
@@ -171,7 +204,7 @@ def make_decoder(backbone: nn.Module, arch: str, in_channels: int, out_channels:
                                   m.res_block, crop_size=tuple(getattr(backbone, "img_size", ())) or None)
     if arch == "unet":
         return arch, UNetDecoder(in_channels, chans, strides, out_channels, m.feature_size, m.norm, m.res_block)
-    raise ValueError(f"model.arch={arch!r} does not fit a medssl backbone: choose auto, unetr or unet")
+    raise ValueError(f"model.arch={arch!r} does not fit a medssl backbone: choose auto, unetr, unet or hymamba")
 
 
 # ----------------------------------------------------------------------------------------- optimisation

@@ -207,3 +207,23 @@ def test_masked_path_keeps_masked_positions_at_zero_and_visible_tokens_exact():
         bad = active.clone()
         bad[0, 0, 0, 0, 0] = ~bad[0, 0, 0, 0, 0]
         model.forward_features(x, bad)
+
+
+def test_downstream_network_is_the_official_build_hybird():
+    """hymamba3d + HyMambaDecoder = build_hybird(1, 14, 96): decoder 19,115,758 parameters, total 41,841,134 with
+    the fixed pos_embed (the official counts, from a meta build of the official class); logits at the crop."""
+    from types import SimpleNamespace
+
+    from medssl.finetune.models import HyMambaDecoder, SegmentationNet, make_decoder
+
+    with torch.device("meta"):
+        bb = build_backbone("hymamba3d", img_size=96)
+        arch, dec = make_decoder(bb, "auto", 1, 14, SimpleNamespace(model=SimpleNamespace()))
+    assert arch == "hymamba" and isinstance(dec, HyMambaDecoder)
+    n_dec = sum(p.numel() for p in dec.parameters())
+    assert n_dec == 19_115_758
+    n_all = n_dec + sum(t.numel() for t in bb.state_dict().values())
+    assert n_all == 41_841_134 - 4 * 79_104  # the official total less the backward branch we do not build
+    small = build_backbone("hymamba3d_tiny", img_size=32)
+    net = SegmentationNet(small, make_decoder(small, "auto", 1, 3, SimpleNamespace(model=SimpleNamespace()))[1])
+    assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)

@@ -26,7 +26,6 @@ volume it never drops a token). Masked positions of the deepest output come back
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -235,6 +234,7 @@ class HyMamba3D(nn.Module):
         self.feature_channels = [int(c) for c in channels[1:]] + [int(channels[-1])]
         self.feature_strides = [1, 2, 4, 8, 16]
         self.embed_dim = int(channels[-1])
+        self.downstream_decoder = "hymamba"  # fine-tuning's model.arch=auto: the official build_hybird decoder
 
     @property
     def config(self) -> dict:
