@@ -1,7 +1,7 @@
 """``python -m medssl.pretrain ablate FILE``: which pretext task helps my segmentation task? One command, one
 table, error bars.
 
-    python -m medssl.pretrain ablate recipes/ablations/NAME.yaml [--out DIR]  run here, one run after another
+    python -m medssl.pretrain ablate recipes/ablations/NAME.yaml [--out DIR]  run here ([--jobs N] fine-tunings at once)
     python -m medssl.pretrain ablate FILE [--out DIR] --dry-run                 the plan + a measured time estimate
     python -m medssl.pretrain ablate FILE [--out DIR] --slurm                   sbatch arrays + submit.sh
     python -m medssl.pretrain ablate FILE [--out DIR] --collect                 results.csv / results.md / plots

@@ -110,7 +110,7 @@ def collect(abl: Ablation, out: Path, say=None) -> dict:
                     _fnum((m or {}).get("mean_dice"), 4),
                     *([_fnum(hd.get(c), 2) for c in classes] + [_fnum(sum(hd_vals) / len(hd_vals), 2) if hd_vals else ""]
                       if hd95 else []),
-                    st if st != "failed" else f"failed: {why}", e["dir"]])
+                    st if st != "failed" else f"failed: {why}", _shown(e["dir"])])
     write_text(out / "results.csv", buf.getvalue())
 
     # ---- per cell and n_train: mean ± std over seeds, the paired difference to scratch ------------------
@@ -135,10 +135,10 @@ def collect(abl: Ablation, out: Path, say=None) -> dict:
                               "excludes_zero": lo > 0 or hi < 0, "notes": notes}
         summary[(cell, n)] = s
     lines = [f"# Ablation `{abl.name}`", "",
-             f"From `{abl.file}` on {_now()}. Pretraining: {len(abl.cells)} cell(s), "
+             f"From `{_shown(abl.file)}` on {_now()}. Pretraining: {len(abl.cells)} cell(s), "
              f"{', '.join(sorted({str(c.steps) for c in abl.cells}, key=int))} steps"
              f"{' (preset ' + abl.pre['preset'] + ')' if abl.pre.get('preset') else ''}, {abl.pre['nproc']} process(es), "
-             f"seed {abl.pre['seed']}. Fine-tuning on `{abl.dataset}` ({abl.data['volumes']} labelled volumes, "
+             f"seed {abl.pre['seed']}. Fine-tuning on `{_shown(abl.dataset)}` ({abl.data['volumes']} labelled volumes, "
              f"{abl.data['test']} test / {abl.data['val']} validation per split): {abl.ft['steps']} steps"
              f"{' (preset ' + abl.ft['preset'] + ')' if abl.ft.get('preset') else ''}, n_train {abl.ft['n_train']}, "
              f"seeds {abl.ft['seeds']} (each seed sets train.seed and "
@@ -194,6 +194,14 @@ def collect(abl: Ablation, out: Path, say=None) -> dict:
     return {"summary": summary, "rows": rows}
 
 
+def _shown(path: str) -> str:
+    """A path as the reader typed it: relative to the working directory when it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _plots(abl: Ablation, p: dict, summary: dict, order: list, out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -236,7 +244,7 @@ def _plots(abl: Ablation, p: dict, summary: dict, order: list, out: Path) -> lis
             for cell, rows in cs:
                 steps, vals = [s for s, _ in rows], [v for _, v in rows]
                 line, = ax.plot(steps, vals, linewidth=0.6, alpha=0.35)
-                w = max(1, len(vals) // 20)  # a running mean over ~5 % of the curve: the trend through the noise
+                w = max(1, len(vals) // 10)  # a running mean over ~10 % of the curve: the trend through the noise
                 smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1]) for i in range(len(vals))]
                 ax.plot(steps, smooth, color=line.get_color(), linewidth=1.6, label=cell)
             ax.set_title(recipe)

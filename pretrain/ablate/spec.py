@@ -205,7 +205,8 @@ def _network(cfg, ft_cfg, in_chans: int) -> tuple[str, str, dict]:
     if "decoder" in components and arch in ("auto", "pretrained"):
         decoder = components["decoder"]["registry"]
     elif arch in ("auto", "pretrained"):
-        decoder = "unetr" if len(set(backbone.feature_strides)) == 1 else "unet"
+        decoder = getattr(backbone, "downstream_decoder", None) or (
+            "unetr" if len(set(backbone.feature_strides)) == 1 else "unet")
     else:
         decoder = arch
         components = {}
