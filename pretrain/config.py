@@ -58,6 +58,8 @@ class OptimConfig:
     warmup_fraction: float = 0.01  # of train.steps, linear from 0
     min_lr: float = 0.0  # cosine floor
     grad_clip: float = 0.0  # 0 = off (the official Hi-End-MAE trainer does not clip)
+    weight_decay_end: float | None = None  # set: weight decay follows a cosine from weight_decay to this value over
+    #                                        training (MambaMIM: 0.04 -> 0.2); groups without decay stay at 0
     optimizer: str = "adamw"  # adamw (decoupled decay) | adam (L2 decay added to the gradient, as PyMIC's Adam)
     schedule: str = "cosine"  # cosine: warm-up then cosine to min_lr | step: warm-up then x step_gamma every step_every
     step_every: int = 20_000

@@ -5,6 +5,9 @@
 becomes ``X``; the decoder, the bridge projections, the mask token and the fixed sin-cos position
 embedding (recomputed by our backbone) are left out, and the report says so. Loaded with
 ``torch.load(weights_only=True)``: a checkpoint that needs pickled objects is refused.
+
+``mambamim``: the released encoder file (``*_mambamim_timm_style.pth``: flat ``embeddings.*`` and ``mae.*``)
+becomes a ``hymamba3d`` export key for key, less the unused backward-branch tensors and the mask token.
 """
 
 from __future__ import annotations
@@ -85,7 +88,63 @@ def import_hi_end_mae(checkpoint: str | Path, out: str | Path, log=print) -> Pat
     return dest
 
 
-IMPORTERS = {"hi_end_mae": import_hi_end_mae}
+# MambaMIM's pretraining data (utils/med_dataset.py: RAS, 1.5 mm, 96³, [-175, 250] HU -> [0, 1])
+MAMBAMIM_PREPROCESSING = HI_END_MAE_PREPROCESSING
+
+
+def convert_mambamim(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[str, torch.Tensor], list[str]]:
+    """The released ``*_mambamim_timm_style.pth`` (flat ``embeddings.*`` / ``mae.*``, optionally under
+    ``sparse_encoder.`` or ``module.``) → (``hymamba3d``, kwargs, backbone state, dropped keys). Dropped: the
+    Mamba blocks' unused backward branch (``*_b*``: never trained by the one-directional scan), ``mae.mask_token``
+    (pretraining only), and anything outside the encoder."""
+    from .backbones.hymamba3d import OFFICIAL_UNUSED
+
+    out, dropped = {}, []
+    for key, value in state.items():
+        k = key
+        for prefix in ("module.", "sparse_encoder."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if not k.startswith(("embeddings.", "mae.")) or any(u in k for u in OFFICIAL_UNUSED):
+            dropped.append(key)
+            continue
+        out[k] = value
+    if "embeddings.stem.weight" not in out:
+        raise ValueError("no 'embeddings.stem.weight' in the checkpoint: not a MambaMIM encoder "
+                         "(expected the released *_mambamim_timm_style.pth)")
+    in_chans = int(out["embeddings.stem.weight"].shape[1])
+    grid = out["mae.pos_embed"].shape[1] if "mae.pos_embed" in out else 216
+    side = round(grid ** (1 / 3))
+    return "hymamba3d", {"in_chans": in_chans, "img_size": 16 * side}, out, dropped
+
+
+def import_mambamim(checkpoint: str | Path, out: str | Path, log=print) -> Path:
+    from .backbones import build_backbone
+    from .export import diff_report, format_report, write_export
+
+    checkpoint = Path(checkpoint)
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{checkpoint}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
+                         f"{exc}); only tensor checkpoints are accepted") from None
+    name, kwargs, state, dropped = convert_mambamim(_state_dict(ckpt))
+    backbone = build_backbone(name, **kwargs)
+    missing, unexpected, shaped = diff_report(backbone, state)
+    if missing or unexpected or shaped:
+        raise ValueError(f"{checkpoint}: converted keys do not fit {name}:\n{format_report(missing, unexpected, shaped)}")
+    dest = write_export(out, name, backbone, state, {
+        "recipe": "mambamim",
+        "step": None,
+        "samples_seen": None,
+        "source": {"official_checkpoint": str(checkpoint.resolve()), "dropped_keys": len(dropped)},
+        "preprocessing": MAMBAMIM_PREPROCESSING,
+    })
+    log(f"imported {len(state)} encoder tensors into {name}; left out {len(dropped)} keys (the Mamba blocks' unused "
+        f"backward branch, the pretraining mask token) -> {dest}")
+    return dest
+
+
+IMPORTERS = {"hi_end_mae": import_hi_end_mae, "mambamim": import_mambamim}
 
 
 def main(argv=None) -> int:

@@ -125,7 +125,7 @@ MANIFEST: dict[str, Field] = {
     "components.*.keys": _int(lo=1, hi=MAX_KEYS),
 }
 
-# Keyword arguments of the registered backbones (vit3d_*, resenc3d*); all optional (the registry has defaults).
+# Keyword arguments of the registered backbones (vit3d_*, resenc3d*, hymamba3d*); all optional (the registry has defaults).
 BACKBONE_KWARGS: dict[str, Field] = {
     "img_size": Field("size3", lo=1, hi=MAX_SIDE, required=False),
     "patch_size": _int(lo=1, hi=64, required=False),
@@ -143,6 +143,13 @@ BACKBONE_KWARGS: dict[str, Field] = {
     "blocks_per_level": _int(lo=1, hi=32, required=False),
     "convs_per_block": _int(lo=1, hi=8, required=False),
     "dropout": Field("probs", lo=0.0, hi=1.0, length=(1, 12), required=False, null=True),
+    # hymamba3d (MambaMIM's encoder)
+    "depths": _ints(1, 32, (5, 5), required=False),
+    "exp_r": _ints(1, 16, (5, 5), required=False),
+    "mamba_depth": _int(lo=0, hi=64, required=False),
+    "d_state": _int(lo=1, hi=256, required=False),
+    "d_conv": _int(lo=1, hi=16, required=False),
+    "expand": _int(lo=1, hi=8, required=False),
 }
 
 # Keyword arguments of the registered decoders a component may name.

@@ -38,6 +38,16 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def wd_at(step: int, cfg: RunConfig) -> float | None:
+    """Weight decay at ``step`` when ``optim.weight_decay_end`` is set: cosine from ``weight_decay`` at step 0 to
+    ``weight_decay_end`` at the last step (MambaMIM's ``lr_control.py``); ``None`` otherwise."""
+    o = cfg.optim
+    if o.weight_decay_end is None:
+        return None
+    progress = step / max(1, cfg.train.steps - 1)
+    return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     """A torch optimizer (DeepSpeed's fused ones need a JIT build on CPU): AdamW, or Adam with L2 decay."""
     o = cfg.optim
@@ -259,9 +269,11 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     batch = None
     shown: dict = {}
     while step < t.steps:
-        lr = lr_at(step, cfg)
+        lr, wd = lr_at(step, cfg), wd_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+            if wd is not None and group.setdefault("decays", group["weight_decay"] > 0):  # no-decay groups stay at 0
+                group["weight_decay"] = wd
         scalars: dict[str, float] = {}
         for _ in range(t.grad_accum):
             watch.note(step + 1, "waiting for data")
@@ -330,6 +342,12 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                   "command to continue", flush=True)
         engine.barrier()
         return run_dir
+    digests = engine.all_gather_object(checkpoint.param_digest(eng.module))  # data parallel: one set of weights
+    if env.is_main and None not in digests:
+        same = len(set(digests)) == 1
+        print(f"weights at step {step}: " + (f"identical on all {len(digests)} ranks (parameter digest)" if same else
+              f"DIFFER between ranks ({len(set(digests))} distinct digests): gradients were not averaged alike; the "
+              "export holds rank 0's"), flush=True)
     if env.is_main:
         from .export import export_run
 

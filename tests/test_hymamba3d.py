@@ -227,3 +227,26 @@ def test_downstream_network_is_the_official_build_hybird():
     small = build_backbone("hymamba3d_tiny", img_size=32)
     net = SegmentationNet(small, make_decoder(small, "auto", 1, 3, SimpleNamespace(model=SimpleNamespace()))[1])
     assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+def test_official_encoder_file_imports_key_for_key(tmp_path):
+    """A state dict with the released file's names and shapes (random values) → ``pretrain import mambamim`` →
+    an export whose backbone holds every kept tensor unchanged; the report names what was left out."""
+    from medssl.pretrain.__main__ import main as pretrain_main
+    from medssl.pretrain.export import load_backbone
+
+    g = torch.Generator().manual_seed(0)
+    official = {k: torch.randn(s, generator=g) for k, s in official_state_shapes().items()}
+    ckpt = tmp_path / "mambamim_ct_pretrained_mambamim_timm_style.pth"
+    torch.save(official, ckpt)
+    assert pretrain_main(["import", "mambamim", str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    model = load_backbone(tmp_path / "export")
+    state = model.state_dict()
+    kept = [k for k in official if not any(u in k for u in OFFICIAL_UNUSED)]
+    assert sorted(state) == sorted(kept)
+    for k in kept:
+        assert torch.equal(state[k], official[k]), k
+    # a file that is not a MambaMIM encoder is refused with exit 2
+    torch.save({"encoder.patch_embed.proj.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    assert pretrain_main(["import", "mambamim", str(tmp_path / "other.pth"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
