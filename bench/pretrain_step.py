@@ -4,8 +4,10 @@ Usage:
   python bench/pretrain_step.py                                   # CPU: tiny and base, fp32
   python bench/pretrain_step.py --models vit3d_base_p16 --crop 96 --batch 32 --precision bf16 \
       --peak-tflops 989                                           # one H100 (SXM, dense bf16)
+  python bench/pretrain_step.py --models vit3d_large_p12 hymamba3d --crop 96 --batch 2   # hi_end_mae vs mambamim
 
-Times forward + backward + AdamW step of the ``hi_end_mae`` task (75 % masking, the paper's decoder)
+Times forward + backward + AdamW step of a recipe's task (``hi_end_mae`` for ``vit3d_*``, ``mambamim`` for
+``hymamba3d*``, ``volume_fusion`` for ``resenc3d*``, each with its paper's defaults; ``--recipes`` to choose)
 on random crops — the data path is measured separately by bench/loader.py. FLOPs are counted once with
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions of forward and backward); MFU =
 counted FLOPs per second / peak FLOPs. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the
@@ -50,12 +52,23 @@ def median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench(model_name: str, crop: int, batch: int, precision: str, steps: int, warmup: int, device: torch.device) -> dict:
+def recipe_for(model_name: str) -> str:
+    return ("mambamim" if model_name.startswith("hymamba3d") else
+            "volume_fusion" if model_name.startswith("resenc3d") else "hi_end_mae")
+
+
+def bench(model_name: str, crop: int, batch: int, precision: str, steps: int, warmup: int, device: torch.device,
+          recipe: str | None = None) -> dict:
     from medssl.pretrain.backbones import build_backbone
     from medssl.pretrain.config import task_class
 
+    recipe = recipe or recipe_for(model_name)
     backbone = build_backbone(model_name, img_size=(crop,) * 3)
-    task = task_class("hi_end_mae")(backbone, None).to(device)
+    cls = task_class(recipe)
+    cfg = cls.config_class()
+    if hasattr(cfg, "patch_size"):  # volume_fusion: the network input is the crop here
+        cfg.patch_size = [crop] * 3
+    task = cls(backbone, cfg).to(device)
     opt = torch.optim.AdamW(task.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
     x = torch.rand(batch, 1, crop, crop, crop, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -78,7 +91,7 @@ def bench(model_name: str, crop: int, batch: int, precision: str, steps: int, wa
     med = median_time(step, steps, warmup, device)
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"model": model_name, "crop": crop, "batch": batch, "precision": precision,
+    return {"model": model_name, "recipe": recipe, "crop": crop, "batch": batch, "precision": precision,
             "params_m": sum(p.numel() for p in task.parameters()) / 1e6, "step_s": med,
             "samples_s": batch / med, "gflop_per_sample": flops / batch / 1e9, "tflops": flops / med / 1e12,
             "peak_mem_mb": mem / 1e6, "rss_before_mb": rss0 / 1e6}
@@ -89,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["vit3d_tiny_p16", "vit3d_base_p16"])
     ap.add_argument("--crop", type=int, nargs="+", default=[64, 96], help="crop per model (one value or one each)")
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 2], help="batch per model (one value or one each)")
+    ap.add_argument("--recipes", nargs="+", default=None, help="recipe per model (default: from the model's name)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -98,12 +112,13 @@ def main(argv=None) -> int:
     prec = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     pick = lambda xs, i: xs[i] if len(xs) > i else xs[-1]  # noqa: E731
     print(f"device: {name}; torch {torch.__version__}")
-    print("| model | crop | batch | precision | params (M) | step s (median) | samples/s | GFLOP/sample | TFLOP/s | MFU | peak memory MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| recipe | model | crop | batch | precision | params (M) | step s (median) | samples/s | GFLOP/sample | TFLOP/s | MFU | peak memory MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, m in enumerate(args.models):
-        r = bench(m, pick(args.crop, i), pick(args.batch, i), prec, args.steps, args.warmup, device)
+        r = bench(m, pick(args.crop, i), pick(args.batch, i), prec, args.steps, args.warmup, device,
+                  pick(args.recipes, i) if args.recipes else None)
         mfu = f"{100 * r['tflops'] / args.peak_tflops:.1f} %" if args.peak_tflops else "-"
-        print(f"| {m} | {r['crop']}³ | {r['batch']} | {prec} | {r['params_m']:.1f} | {r['step_s']:.3f} | "
+        print(f"| {r['recipe']} | {m} | {r['crop']}³ | {r['batch']} | {prec} | {r['params_m']:.1f} | {r['step_s']:.3f} | "
               f"{r['samples_s']:.2f} | {r['gflop_per_sample']:.1f} | {r['tflops']:.3f} | {mfu} | {r['peak_mem_mb']:.0f} |",
               flush=True)
     return 0

@@ -7,7 +7,7 @@
     python -m medssl.pretrain import hi_end_mae CHECKPOINT --out DIR
     python -m medssl.pretrain list
     python -m medssl.pretrain demo
-    python -m medssl.pretrain ablate recipes/ablations/NAME.yaml [--out DIR] [--dry-run | --slurm | --collect]
+    python -m medssl.pretrain ablate recipes/ablations/NAME.yaml [--out DIR] [--dry-run | --slurm | --collect] [--jobs N]
 
 The same command runs as a plain process, under ``torchrun --nproc_per_node …`` and under the
 ``deepspeed`` launcher (``deepspeed --hostfile hosts --module medssl.pretrain RECIPE …``).
@@ -30,7 +30,7 @@ COMMANDS = """commands:
   list               recipes (with presets) and backbones (with parameter counts)
   demo               the README's demo: phantoms -> shards -> pretraining -> export -> fine-tuning
   ablate FILE        a grid of pretraining cells x fine-tuning runs vs scratch: one table with error bars
-                     (recipes/ablations/*.yaml; --dry-run, --slurm, --collect)
+                     (recipes/ablations/*.yaml; --dry-run, --slurm, --collect, --jobs N)
 
 `python -m medssl.pretrain RECIPE --help` lists the training options."""
 

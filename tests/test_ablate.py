@@ -341,3 +341,17 @@ def test_grid_failing_cell_is_reported_and_the_others_complete(grid):
     os.remove(out / "results.md")
     rc, _, _ = run_main([str(out.parent / "abl.yaml"), "--out", str(out), "--collect"])
     assert rc == 0 and (out / "results.md").is_file()
+
+
+def test_a_shipped_example_runs_by_name(tmp_path, built, phantoms, monkeypatch):
+    """`ablate compare_recipes --slurm` (no path): the shipped file is found, copied into OUT and named in the
+    scripts, with its relative data paths read from the working directory."""
+    (tmp_path / "demo" / "raw").mkdir(parents=True)
+    (tmp_path / "demo" / "shards").symlink_to(built, target_is_directory=True)
+    (tmp_path / "demo" / "raw" / "Dataset902_PhantomCTLabelled").symlink_to(phantoms, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, stderr = run_main(["compare_recipes", "--out", str(tmp_path / "out"), "--slurm"])
+    assert rc == 0, stderr
+    shipped = ROOT / "recipes" / "ablations" / "compare_recipes.yaml"
+    assert (tmp_path / "out" / "ablation.yaml").read_text() == shipped.read_text()
+    assert str(shipped.resolve()) in (tmp_path / "out" / "slurm" / "pretrain.sbatch").read_text()

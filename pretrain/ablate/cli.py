@@ -132,9 +132,9 @@ def main(argv=None) -> int:
     pl = plan(abl, out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", pl)
-    write_text(out / "ablation.yaml", Path(a.file).read_text())
+    write_text(out / "ablation.yaml", Path(abl.file).read_text())
     if a.slurm:
-        made = write_slurm(abl, pl, out, a.file)
+        made = write_slurm(abl, pl, out, abl.file)
         _say(f"wrote {', '.join(str(m) for m in made)}\n{len(pl['pretrain'])} pretraining + {len(pl['finetune'])} "
               f"fine-tuning runs; submit with: bash {out / 'slurm' / 'submit.sh'}")
         return 0

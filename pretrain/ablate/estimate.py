@@ -34,7 +34,7 @@ def measure(abl: Ablation) -> dict:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    res = {"device": dev.type, "pretrain": {}, "finetune": {}, "window": {}}
+    res = {"device": dev.type, "pretrain": {}, "finetune": {}, "window": {}, "threads": torch.get_num_threads()}
     for c in abl.cells:
         cfg = c.config
         torch.manual_seed(0)
@@ -151,8 +151,10 @@ def estimate(abl: Ablation, p: dict, meas: dict, jobs: int = 1) -> dict:
         workers = max(1, c.config.data.num_workers)
         if meas["device"] == "cuda":  # the loader workers prepare the next batch while the GPU computes
             step = max(compute, data / workers)
-        else:  # every process and loader worker shares the cores; several processes also all-reduce over gloo
-            step = max(compute + data / min(workers, cores), e["nproc"] * (compute + data) * threads / cores)
+        else:  # each process computes on its share of the cores (measured on meas["threads"]); several
+            # processes also all-reduce over gloo
+            share = max(1, cores // e["nproc"])
+            step = compute * max(1.0, meas.get("threads", share) / share) + data / max(1, min(workers, cores))
             step += DIST_STEP_S if e["nproc"] > 1 else 0.0
         per[e["id"]] = START_S["pretrain"] + START_PER_PROCESS_S * (e["nproc"] - 1) + c.steps * step
     evals = math.ceil(abl.ft["steps"] / ft.train.eval_every) if abl.data["val"] else 0

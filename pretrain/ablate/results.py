@@ -147,7 +147,9 @@ def collect(abl: Ablation, out: Path, say=None) -> dict:
              "deviation over seeds. Δ vs scratch: pretrained − scratch (same network, n_train and seed: same split and "
              "decoder init), per test volume its mean foreground Dice, averaged over every (seed, test volume) pair; "
              f"95 % percentile bootstrap over those pairs ({BOOTSTRAP_RESAMPLES} resamples, generator seed "
-             f"{BOOTSTRAP_SEED}). ★ = the highest mean Dice at that n_train.", "",
+             f"{BOOTSTRAP_SEED}). The pairs are resampled as if independent; test volumes of one seed share a trained "
+             "model, so the interval is narrower than one over seeds alone. ★ = the highest mean Dice at that n_train.",
+             "",
              "| n_train | cell | recipe | settings | network | seeds | mean Dice ± std | Δ vs scratch [95 % CI] | "
              "CI excludes 0 |", "|---|---|---|---|---|---|---|---|---|"]
     for n in abl.ft["n_train"]:

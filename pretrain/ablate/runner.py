@@ -58,7 +58,9 @@ def plan(abl: Ablation, out: Path) -> dict:
                                 "cell": folder, "init": init, "network": network, "n_train": n, "seed": s,
                                 "sources": sources, "export": str(export), "module": "medssl.finetune", "args": args,
                                 "nproc": abl.ft["nproc"], "timeout": abl.ft["timeout"],
-                                "key": _key(args, out, abl.ft["nproc"])})
+                                # the network's identity too: a scratch run of an edited network is not "done"
+                                "key": _key(args, out, [abl.ft["nproc"], next(c.net_key for c in abl.cells
+                                                                               if c.network == network)])})
     return {"ablation": abl.name, "file": abl.file, "spec_hash": abl.spec_hash, "out": str(out),
             "pretrain": pre_runs, "finetune": ft_runs}
 
@@ -166,6 +168,7 @@ class Runner:
         self.child: subprocess.Popen | None = None
         self._stopping: str | None = None
         self.parent, self.peers, self.threads = parent, [], threads  # threads: OMP_NUM_THREADS of its runs
+        self.gpus: str | None = None  # CUDA_VISIBLE_DEVICES of its runs (one slice of the GPUs per worker)
         if parent is not None:
             parent.peers.append(self)
 
@@ -194,9 +197,10 @@ class Runner:
                 signal.signal(sig, h)
 
     def _stop_child(self) -> None:
-        if self.child is not None and self.child.poll() is None:
+        child = self.child  # read once: a worker thread may clear it meanwhile
+        if child is not None and child.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.child.pid, signal.SIGTERM)
+                os.killpg(child.pid, signal.SIGTERM)
 
     def _wait(self, timeout: float) -> tuple[int | None, bool]:
         """(exit code, timed out); after a stop request or the timeout: SIGTERM, a grace period, SIGKILL."""
@@ -228,6 +232,8 @@ class Runner:
             env.pop(k, None)  # a run is its own job, whatever launched the runner
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus
         t0 = time.time()
         with open(d / LOG, "a") as log:
             log.write(f"\n===== {_now()} {' '.join(cmd)}\n")
@@ -244,15 +250,23 @@ class Runner:
         return rc, timed_out, seconds, cmd
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the runner dies (Linux prctl PR_SET_PDEATHSIG), so a killed runner leaves no
-    run behind writing into its folder."""
+def _libc_prctl():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _libc_prctl()  # looked up here, in the parent: the child of a threaded parent only calls it
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the runner dies (Linux prctl PR_SET_PDEATHSIG), so a killed runner leaves no
+    run behind writing into its folder."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
 
 
 def log_tail(path: Path, lines: int = 40, chars: int = 4000) -> str:
@@ -332,6 +346,30 @@ def scratch_export(entry: dict, plan_: dict) -> Path | None:
     return None
 
 
+def _cores() -> int:
+    """Cores this process may use (the CPU affinity a scheduler such as SLURM or taskset set), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _gpu_slices(jobs: int, nproc: int) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES per worker when the GPUs go round (each run gets its own ``nproc`` GPUs); None
+    without GPUs or when there are fewer than jobs × nproc (then the runs share what CUDA_VISIBLE_DEVICES shows)."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return None
+    if n < jobs * nproc:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x for x in visible.split(",") if x.strip()] if visible else [str(i) for i in range(n)]
+    return [",".join(ids[i * nproc:(i + 1) * nproc]) for i in range(jobs)]
+
+
 def _locked(say):
     lock = threading.Lock()
 
@@ -354,8 +392,9 @@ def run_entry(entry: dict, plan_: dict, runner: Runner, say=None, tag: str = "")
     if entry["stage"] == "finetune":
         if entry["init"] == "pretrained":
             pre = next(p for p in plan_["pretrain"] if p["cell"] == entry["cell"])
-            ok = status(pre)[0] == "done"
-            reason = f"pretraining of cell {entry['cell']} " + ("failed" if status(pre)[0] == "failed" else "not done")
+            pre_status = status(pre)[0]
+            ok = pre_status == "done"
+            reason = f"pretraining of cell {entry['cell']} " + ("failed" if pre_status == "failed" else "not done")
         else:
             ok = scratch_export(entry, plan_) is not None
             reason = f"no finished export among the cells of {entry['network']} ({', '.join(entry['sources'])})"
@@ -368,8 +407,10 @@ def run_entry(entry: dict, plan_: dict, runner: Runner, say=None, tag: str = "")
             say(f"{tag}{entry['id']}: skipped: another runner is running it")
             return "busy"
         extra = []
-        if st == "stale" and entry["stage"] == "finetune":
-            extra = ["--resume", "none", "--overwrite"]  # the previous run moves into previous-<time>/
+        if st == "stale":  # other settings than the folder's run: start afresh (the old run moves aside)
+            extra = ["--resume", "none", "--overwrite"]
+        if runner.stopping:  # a stop that came while this run waited for its turn
+            return "stopped"
         for name in (FAILED, SKIPPED, DONE):  # DONE only when stale: a done run returned above
             with contextlib.suppress(FileNotFoundError):
                 (d / name).unlink()
@@ -434,7 +475,9 @@ def run_all(plan_: dict, say=None, jobs: int = 1) -> int:
             r = run_entry(entry, plan_, runner, say, tag=tags[id(entry)])
             counts[r] = counts.get(r, 0) + 1
         if jobs > 1 and not runner.stopping:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
+            nproc = max(1, int(plan_["finetune"][0]["nproc"]))
+            threads = max(1, _cores() // (jobs * nproc))
+            gpus = _gpu_slices(jobs, nproc)
             pending = list(entries[n_pre:])
             lock = threading.Lock()
 
@@ -444,12 +487,20 @@ def run_all(plan_: dict, say=None, jobs: int = 1) -> int:
                         if not pending:
                             return
                         entry = pending.pop(0)
-                    r = run_entry(entry, plan_, mine, say, tag=tags[id(entry)])
+                    try:
+                        r = run_entry(entry, plan_, mine, say, tag=tags[id(entry)])
+                    except Exception as exc:  # noqa: BLE001 - one run's bookkeeping error must not end the others
+                        say(f"{tags[id(entry)]}{entry['id']}: failed in the runner: {type(exc).__name__}: {exc}")
+                        r = "failed"
                     with lock:
                         counts[r] = counts.get(r, 0) + 1
 
             # the workers' children get SIGTERM when their thread ends (PR_SET_PDEATHSIG): the threads outlive them
-            pool = [threading.Thread(target=worker, args=(Runner(runner, threads),), daemon=True) for _ in range(jobs)]
+            pool = []
+            for i in range(jobs):
+                mine = Runner(runner, threads)
+                mine.gpus = gpus[i] if gpus else None
+                pool.append(threading.Thread(target=worker, args=(mine,), daemon=True))
             for t in pool:
                 t.start()
             for t in pool:

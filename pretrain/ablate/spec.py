@@ -26,13 +26,12 @@ BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
 # the part of a run the measured step does not cover (calibrated on 2 CPU cores)
 START_S = {"pretrain": 20.0, "finetune": 15.0}
 START_PER_PROCESS_S = 8.0  # each further process of a torchrun start (imports and DeepSpeed set-up share the cores)
-# CPU, several processes: gloo all-reduce, loader workers and DeepSpeed's step per step (the demo's 300 tiny
-# hi_end_mae steps on 2 processes take ~2.5 min where one process computes a step in ~0.1 s)
-DIST_STEP_S = 0.3
+# CPU, several processes: gloo all-reduce and DeepSpeed's bookkeeping per step, beyond each process's own compute
+# on its share of the cores (calibrated on compare_recipes, 2 cores: hi_end_mae tiny 1000 steps in 170 s, measured
+# 0.034 s/step on 2 threads; volume_fusion tiny 300 steps in 219 s, measured 0.261 s/step)
+DIST_STEP_S = 0.07
 PREPARE_S_PER_VOLUME = 1.0  # fine-tuning: load + resample a labelled volume, write its prediction and overlay
 DONE, FAILED, SKIPPED, LOG = "done.json", "failed.json", "skipped.json", "run.log"
-OUT_ITEMS = {"plan.json", "ablation.yaml", "pretrain", "finetune", "slurm", "results.csv", "results.md",
-             "dice_vs_n_train.png", "pretext_loss.png"}
 
 
 class AblationError(ValueError):
@@ -70,6 +69,8 @@ class Ablation:
 def _check_keys(d, valid, where: str) -> dict:
     import difflib
 
+    if d is None and where.startswith(("cells[", "grid")):
+        raise AblationError(f"{where} is empty: give a mapping of {', '.join(valid)}")
     if d is None:
         return {}
     if not isinstance(d, dict):
