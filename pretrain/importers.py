@@ -96,7 +96,7 @@ def convert_mambamim(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
     """The released ``*_mambamim_timm_style.pth`` (flat ``embeddings.*`` / ``mae.*``, optionally under
     ``sparse_encoder.`` or ``module.``) → (``hymamba3d``, kwargs, backbone state, dropped keys). Dropped: the
     Mamba blocks' unused backward branch (``*_b*``: never trained by the one-directional scan), ``mae.mask_token``
-    (pretraining only), and anything outside the encoder."""
+    (pretraining only), ``mae.pos_embed`` (the fixed sin-cos table, recomputed), and anything outside the encoder."""
     from .backbones.hymamba3d import OFFICIAL_UNUSED
 
     out, dropped = {}, []
@@ -112,8 +112,8 @@ def convert_mambamim(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
         raise ValueError("no 'embeddings.stem.weight' in the checkpoint: not a MambaMIM encoder "
                          "(expected the released *_mambamim_timm_style.pth)")
     in_chans = int(out["embeddings.stem.weight"].shape[1])
-    grid = out["mae.pos_embed"].shape[1] if "mae.pos_embed" in out else 216
-    side = round(grid ** (1 / 3))
+    pos = state.get("mae.pos_embed", state.get("sparse_encoder.mae.pos_embed"))
+    side = round((pos.shape[1] if pos is not None else 216) ** (1 / 3))  # the token grid it was pretrained on
     return "hymamba3d", {"in_chans": in_chans, "img_size": 16 * side}, out, dropped
 
 
@@ -140,7 +140,7 @@ def import_mambamim(checkpoint: str | Path, out: str | Path, log=print) -> Path:
         "preprocessing": MAMBAMIM_PREPROCESSING,
     })
     log(f"imported {len(state)} encoder tensors into {name}; left out {len(dropped)} keys (the Mamba blocks' unused "
-        f"backward branch, the pretraining mask token) -> {dest}")
+        f"backward branch, the pretraining mask token, the fixed position table) -> {dest}")
     return dest
 
 

@@ -158,7 +158,7 @@ def test_keys_and_shapes_match_the_official_encoder():
         model = build_backbone("hymamba3d", img_size=96)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     unused = {k for k in official if any(u in k for u in OFFICIAL_UNUSED)}
-    assert len(unused) == 4 * 7 + 1  # the backward branch of 4 Mamba blocks (7 tensors each) + mae.mask_token
+    assert len(unused) == 4 * 7 + 2  # the backward branch of 4 Mamba blocks (7 tensors each), mask token, pos_embed
     assert ours == {k: v for k, v in official.items() if k not in unused}
     trainable = sum(p.numel() for p in model.parameters())
     assert trainable == 22_725_760 - 82_944 - 384 - 4 * 79_104  # less pos_embed (fixed), mask_token, backward branch
@@ -222,7 +222,7 @@ def test_downstream_network_is_the_official_build_hybird():
     assert arch == "hymamba" and isinstance(dec, HyMambaDecoder)
     n_dec = sum(p.numel() for p in dec.parameters())
     assert n_dec == 19_115_758
-    n_all = n_dec + sum(t.numel() for t in bb.state_dict().values())
+    n_all = n_dec + sum(t.numel() for t in bb.state_dict().values()) + bb.mae.pos_embed.numel()
     assert n_all == 41_841_134 - 4 * 79_104  # the official total less the backward branch we do not build
     small = build_backbone("hymamba3d_tiny", img_size=32)
     net = SegmentationNet(small, make_decoder(small, "auto", 1, 3, SimpleNamespace(model=SimpleNamespace()))[1])

@@ -36,10 +36,11 @@ from torch import Tensor
 from ..registry import BACKBONES
 from .mamba import Mamba
 
-# tensors of the official checkpoint we do not build: the Mamba blocks' backward branch (built, never used by the
-# one-directional scan: still at their random init in the released file) and the pretraining mask token
+# tensors of the official checkpoint we do not keep: the Mamba blocks' backward branch (built, never used by the
+# one-directional scan: still at their random init in the released file), the pretraining mask token, and the
+# fixed sin-cos table (recomputed from the crop size)
 OFFICIAL_UNUSED = ("mamba.A_b_log", "mamba.D_b", "mamba.conv1d_b.", "mamba.x_proj_b.", "mamba.dt_proj_b.",
-                   "mae.mask_token")
+                   "mae.mask_token", "mae.pos_embed")
 
 
 def upsample_mask(active: Tensor | None, size: Sequence[int]) -> Tensor | None:
@@ -178,7 +179,9 @@ class MambaStage(nn.Module):
     def __init__(self, grid: Sequence[int], dim: int, depth: int, d_state: int, d_conv: int, expand: int):
         super().__init__()
         self.grid = tuple(grid)
-        self.register_buffer("pos_embed", sincos_3d(self.grid, dim))  # official: a frozen Parameter, same table
+        # official: a frozen Parameter holding the same table; a non-persistent buffer here, recomputed for any crop
+        # (fine-tuning on another crop size), so exports do not carry it and an imported one is dropped
+        self.register_buffer("pos_embed", sincos_3d(self.grid, dim), persistent=False)
         self.blocks = nn.ModuleList(MambaLayer(dim, d_state, d_conv, expand) for _ in range(depth))
         # official init: xavier_uniform on every Linear (Mamba's too) and zero biases, so dt_proj.bias = 0:
         # softplus(0) = 0.69 at the start, not mamba_ssm's [0.001, 0.1]; A_log, D and the convs keep theirs
