@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CHUNK = 32  # steps per chunk: 32 measured fastest on CPU for d_inner 768, L 4096 (bench/scan.py)
+CHUNK = 16  # steps per chunk: the fastest of 16/32/64 at L 4096 on CPU (bench/scan.py, BENCHMARKS.md); at L 216
+#           this form is still slower than the step loop: the T × T weights are to be replaced (MambaMIM issue)
 
 
 def _chunk_scan(u, delta, A, B, C, h0):
