@@ -128,12 +128,12 @@ class LightDecoder(nn.Module):
     with that level's densified feature before up-sampling (``fuse.0`` of the official code is never used and not
     built here)."""
 
-    def __init__(self, width: int = 768, levels: int = 4):
+    def __init__(self, width: int = 768, levels: int = 4, out_chans: int = 1):
         super().__init__()
         ch = [width // 2 ** i for i in range(levels + 1)]
         self.dec = nn.ModuleList(UNetBlock(a, b) for a, b in zip(ch[:-1], ch[1:]))
         self.fuse = nn.ModuleDict({str(i): FusionBlock(2 * ch[i], ch[i]) for i in range(1, levels)})
-        self.proj = nn.Conv3d(ch[-1], 1, 1)
+        self.proj = nn.Conv3d(ch[-1], out_chans, 1)  # official: 1 (CT); one per input channel for multi-channel MRI
         for m in self.modules():  # the official initialize(): trunc-normal convs, kaiming transposed convs
             if isinstance(m, nn.Conv3d):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -198,8 +198,13 @@ class MambaMIM(nn.Module):
             self.mask_tokens.append(tok)  # [0] fills the deepest level only when toki is off
             k = 1 if i == 0 else 3
             self.densify_projs.append(nn.Conv3d(chans[i], w // 2 ** i, k, padding=k // 2))
-        self.decoder = LightDecoder(w, 4)
+        self.decoder = LightDecoder(w, 4, out_chans=backbone.in_chans)
         self.grid = tuple(backbone.grid)
+        tokens = math.prod(self.grid)
+        if not 1 <= num_keep(tokens, cfg.mask_ratio) <= tokens - 1:
+            raise ConfigError(f"task.mask_ratio={cfg.mask_ratio} keeps {num_keep(tokens, cfg.mask_ratio)} of {tokens} "
+                              "16³ patches visible: at least one must be visible and one masked; use another ratio or a "
+                              "larger crop")
 
     # ------------------------------------------------------------------------------ the network
     def reconstruct_from(self, x: Tensor, active: Tensor) -> Tensor:
@@ -251,12 +256,12 @@ class MambaMIM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x = batch["image"][:4].float()
+            x = batch["image"][:4].to(self.decoder.proj.weight.dtype)  # the model's dtype (bf16 under DeepSpeed)
             self._check_input(x)
             gen = torch.Generator(device=x.device).manual_seed(0)
             active = random_active(x.shape[0], self.grid, self.cfg.mask_ratio, generator=gen, device=x.device)
             rec = patchify(self.reconstruct_from(x, active).float())  # [n, L, p³]
-            inp = patchify(x)
+            inp = patchify(x.float())
             if self.cfg.norm_pix_loss:  # undo the target normalisation with each patch's own statistics
                 rec = rec * (inp.var(-1, keepdim=True) + TARGET_EPS).sqrt() + inp.mean(-1, keepdim=True)
             vis = active.flatten(1)[..., None]  # [n, L, 1]

@@ -108,3 +108,22 @@ def test_decoder_widths_and_the_tiny_task_trains_on_cpu():
     for a, b in zip(f1, f2):
         assert torch.equal(a, b)
     assert task.trace(x).shape == (2, 1, 64, 64, 64)
+
+
+def test_two_channel_input_bad_ratios_and_bf16_pictures(tmp_path):
+    """A 2-channel (multi-sequence MRI) crop is reconstructed channel for channel; a ratio that leaves no patch
+    visible (or none masked) is refused when the task is built; pictures work on a bf16 model."""
+    import pytest
+
+    from medssl.pretrain.config import ConfigError
+
+    torch.manual_seed(0)
+    two = MambaMIM(build_backbone("hymamba3d_tiny", img_size=32, in_chans=2), MambaMIMConfig(decoder_width=32))
+    out = two({"image": torch.rand(2, 2, 32, 32, 32)})
+    assert torch.isfinite(out["loss"]) and two.decoder.proj.out_channels == 2
+    for ratio in (0.99, 0.01):  # 8 patches at 32³: round(8 × 0.01) = 0 visible, round(8 × 0.99) = 8 visible
+        with pytest.raises(ConfigError, match="at least one must be visible and one masked"):
+            MambaMIM(build_backbone("hymamba3d_tiny", img_size=32), MambaMIMConfig(mask_ratio=ratio, decoder_width=32))
+    task = MambaMIM(build_backbone("hymamba3d_tiny", img_size=32), MambaMIMConfig(decoder_width=32)).to(torch.bfloat16)
+    picture = task.reconstruct({"image": torch.rand(2, 1, 32, 32, 32)}, path=tmp_path / "p.png")
+    assert picture.ndim == 3 and (tmp_path / "p.png").stat().st_size > 1000
