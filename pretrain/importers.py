@@ -59,7 +59,10 @@ def convert_hi_end_mae(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[
     raise ValueError(f"no registered vit3d with width {dim}, patch {patch}, depth {depth}")
 
 
-def import_hi_end_mae(checkpoint: str | Path, out: str | Path, log=print) -> Path:
+def _import(checkpoint: str | Path, out: str | Path, recipe: str, convert, preprocessing: dict, left_out: str,
+            log=print) -> Path:
+    """An official checkpoint → ``convert`` (official keys → backbone name, kwargs, state, dropped keys) → an export;
+    every converted key must fit the backbone. ``left_out`` says in words what the dropped keys were."""
     from .backbones import build_backbone
     from .export import diff_report, format_report, write_export
 
@@ -69,23 +72,27 @@ def import_hi_end_mae(checkpoint: str | Path, out: str | Path, log=print) -> Pat
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{checkpoint}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
                          f"{exc}); only tensor checkpoints are accepted") from None
-    name, kwargs, state, dropped = convert_hi_end_mae(_state_dict(ckpt))
+    name, kwargs, state, dropped = convert(_state_dict(ckpt))
     backbone = build_backbone(name, **kwargs)
     missing, unexpected, shaped = diff_report(backbone, state)
     if missing or unexpected or shaped:
         raise ValueError(f"{checkpoint}: converted keys do not fit {name}:\n{format_report(missing, unexpected, shaped)}")
     dest = write_export(out, name, backbone, state, {
-        "recipe": "hi_end_mae",
+        "recipe": recipe,
         "step": None,
         "samples_seen": None,
         "source": {"official_checkpoint": str(checkpoint.resolve()),
                    "epoch": int(ckpt["epoch"]) if isinstance(ckpt, dict) and "epoch" in ckpt else None,
                    "dropped_keys": len(dropped)},
-        "preprocessing": HI_END_MAE_PREPROCESSING,
+        "preprocessing": dict(preprocessing),
     })
-    log(f"imported {len(state)} encoder tensors into {name}; left out {len(dropped)} non-encoder keys "
-        f"(decoder, bridge projections, mask token, fixed position embeddings) -> {dest}")
+    log(f"imported {len(state)} encoder tensors into {name}; left out {len(dropped)} keys ({left_out}) -> {dest}")
     return dest
+
+
+def import_hi_end_mae(checkpoint: str | Path, out: str | Path, log=print) -> Path:
+    return _import(checkpoint, out, "hi_end_mae", convert_hi_end_mae, HI_END_MAE_PREPROCESSING,
+                   "decoder, bridge projections, mask token, fixed position embeddings", log)
 
 
 # MambaMIM's pretraining data (utils/med_dataset.py: RAS, 1.5 mm, 96³, [-175, 250] HU -> [0, 1])
@@ -118,30 +125,8 @@ def convert_mambamim(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
 
 
 def import_mambamim(checkpoint: str | Path, out: str | Path, log=print) -> Path:
-    from .backbones import build_backbone
-    from .export import diff_report, format_report, write_export
-
-    checkpoint = Path(checkpoint)
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{checkpoint}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
-                         f"{exc}); only tensor checkpoints are accepted") from None
-    name, kwargs, state, dropped = convert_mambamim(_state_dict(ckpt))
-    backbone = build_backbone(name, **kwargs)
-    missing, unexpected, shaped = diff_report(backbone, state)
-    if missing or unexpected or shaped:
-        raise ValueError(f"{checkpoint}: converted keys do not fit {name}:\n{format_report(missing, unexpected, shaped)}")
-    dest = write_export(out, name, backbone, state, {
-        "recipe": "mambamim",
-        "step": None,
-        "samples_seen": None,
-        "source": {"official_checkpoint": str(checkpoint.resolve()), "dropped_keys": len(dropped)},
-        "preprocessing": MAMBAMIM_PREPROCESSING,
-    })
-    log(f"imported {len(state)} encoder tensors into {name}; left out {len(dropped)} keys (the Mamba blocks' unused "
-        f"backward branch, the pretraining mask token, the fixed position table) -> {dest}")
-    return dest
+    return _import(checkpoint, out, "mambamim", convert_mambamim, MAMBAMIM_PREPROCESSING,
+                   "the Mamba blocks' unused backward branch, the pretraining mask token, the fixed position table", log)
 
 
 IMPORTERS = {"hi_end_mae": import_hi_end_mae, "mambamim": import_mambamim}
