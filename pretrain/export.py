@@ -3,7 +3,10 @@
 An export is what fine-tuning and other users read — no pickles, fp32, keys relative to the backbone,
 and a manifest that says how to rebuild the network and how its inputs were prepared. ZeRO
 checkpoints are consolidated in-process with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
-(the model-states file holds bf16 weights under bf16 and empty tensors under ZeRO-3).
+(the model-states file holds bf16 weights under bf16 and empty tensors under ZeRO-3). Two cases it does
+not cover are read from the model-states file (``torch.load(weights_only=True)``): a stage-0 run without
+a partitioned optimizer, whose file holds the whole fp32 module, and parameters a recipe froze (ZeRO
+stages 0-1 do not list them for the consolidation; being frozen, the module holds their exact values).
 """
 
 from __future__ import annotations
@@ -102,6 +105,31 @@ def preprocessing_from(cfg) -> dict:
     }
 
 
+def consolidate(ckpt_dir: Path, tag: str, zero_to_fp32) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of checkpoint ``ckpt_dir/tag``: ZeRO's master weights where an optimizer holds them,
+    the model-states file's module for the rest (frozen parameters; everything at stage 0 with a plain
+    optimizer, where the module itself is the fp32 master)."""
+    from .engine import quiet
+
+    tag_dir = ckpt_dir / tag
+    model_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not model_files:
+        raise ExportError(f"{tag_dir}: no mp_rank_*_model_states.pt; the checkpoint is incomplete or not DeepSpeed's "
+                          f"(write a new one by resuming the run)")
+    try:
+        module = torch.load(model_files[0], map_location="cpu", weights_only=True)["module"]
+    except Exception as exc:  # noqa: BLE001 - unreadable or not a DeepSpeed model-states file
+        raise ExportError(f"{model_files[0]}: cannot be read as a DeepSpeed model-states file ({_one_line(exc)})") from exc
+    state: dict[str, torch.Tensor] = {}
+    if any(tag_dir.glob("*_optim_states.pt")):  # ZeRO 1-3, or bf16 at stage 0: fp32 masters in the optimizer
+        with quiet():  # DeepSpeed prints its parsing steps and a progress bar
+            state = dict(zero_to_fp32(str(ckpt_dir), tag=tag))
+    for key, value in module.items():  # frozen parameters (all of them at stage 0 with a plain optimizer)
+        if key not in state:
+            state[key] = value.float() if value.is_floating_point() else value
+    return state
+
+
 def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None, log=print) -> Path:
     """Consolidate a run's newest (or ``tag``) checkpoint to fp32 and write ``run_dir/export``."""
     from .backbones import build_backbone
@@ -132,8 +160,7 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     quiet_libraries()
     with quiet():  # DeepSpeed prints its accelerator, its parsing steps and a progress bar
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with quiet():  # DeepSpeed prints its parsing steps and a progress bar
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    state = consolidate(ckpt_dir, tag, get_fp32_state_dict_from_zero_checkpoint)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone_state:
         raise ExportError(f"checkpoint {ckpt_dir / tag} holds no 'backbone.' keys; is it a medssl run?")

@@ -342,10 +342,14 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                   "command to continue", flush=True)
         engine.barrier()
         return run_dir
-    digests = engine.all_gather_object(checkpoint.param_digest(eng.module))  # data parallel: one set of weights
+    # Data parallel: one set of weights. At stage 0 every rank steps its own optimizer, so agreement shows that the
+    # gradients were averaged alike; from stage 1 on each partition is stepped on one rank and gathered, so the
+    # weights agree by construction. Buffers (BatchNorm statistics) are per rank and not compared.
+    digests = engine.all_gather_object(checkpoint.param_digest(eng.module))
     if env.is_main and None not in digests:
         same = len(set(digests)) == 1
-        print(f"weights at step {step}: " + (f"identical on all {len(digests)} ranks (parameter digest)" if same else
+        how = "parameter digest" + ("" if t.zero_stage == 0 else f"; ZeRO stage {t.zero_stage} gathers them from one update")
+        print(f"weights at step {step}: " + (f"identical on all {len(digests)} ranks ({how})" if same else
               f"DIFFER between ranks ({len(set(digests))} distinct digests): gradients were not averaged alike; the "
               "export holds rank 0's"), flush=True)
     if env.is_main:

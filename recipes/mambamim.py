@@ -3,16 +3,18 @@ modelling on a CNN + Mamba hybrid (``hymamba3d``) with state-space token interpo
 
 mask 75 % of the 16³ patches per sample (bottom-up: the 1/16 mask upsampled to every stage) → sparse encoder
 (convolution and pooling outputs multiplied by the mask, LayerNorms over visible positions only, the Mamba stage
-on each sample's visible tokens) → densify: masked positions of each level filled — the deepest by TOKI, the
+on each sample's visible tokens first, then its masked ones) → densify: masked positions of each level filled — the deepest by TOKI, the
 others by a learned mask token per level — and projected (1³ conv 384 → 768 at 1/16, 3³ convs above) → SparK's
 light UNet decoder (768 → 384 → 192 → 96 → 48, transposed-conv up-sampling, BatchNorm, skip fusion) → 1³ conv
 to the voxels → MSE against per-patch-normalised 16³ patches, on the masked patches only.
 
-Departures from the official code, each for a reason given at the line: every sample keeps exactly its own
-visible tokens (the official keep count is summed over the batch, so with 4 crops per volume no token is ever
-dropped); TOKI's result is transposed to channels × positions (the official code reshapes, which scrambles
+Departures from the official code, each for a reason given at the line: the Mamba stage orders each sample's
+tokens visible first by a stable sort (the official sort is unstable; its keep count, summed over the batch,
+keeps every token from 4 crops on, as here); TOKI's result is transposed to channels × positions (the official code reshapes, which scrambles
 channels and positions; the paper means the transpose); the unused 96³ level (``fuse.0``, ``densify_projs.4``,
-``mask_tokens.0/4``) is not built.
+``mask_tokens.4``) is not built, and the encoder's 96³ skip (``encoder1``, computed and dropped there) is not run
+and stays frozen at its initialisation. ``mask_tokens.0`` (deepest level) trains only when TOKI is off, and
+``A_interpolation`` only when it is on.
 """
 
 from __future__ import annotations
@@ -189,13 +191,19 @@ class MambaMIM(nn.Module):
         self.backbone = backbone
         chans = list(backbone.feature_channels)[::-1]  # deepest first: 384 (mae), 384, 192, 128, (64 unused)
         w = cfg.decoder_width
-        self.A_interpolation = nn.Parameter(torch.zeros(chans[0], chans[0]))  # TOKI's matrix, zero-initialised
+        self.A_interpolation = nn.Parameter(torch.zeros(chans[0], chans[0]), requires_grad=cfg.toki)  # TOKI's, zero init
+        # The 96³ skip (encoder1) is built by the backbone but never read here (the official code computes it and
+        # drops it): it is not run, and frozen so that it keeps its initialisation as in the official code, where
+        # AdamW skips a parameter without a gradient; DeepSpeed would hand it zeros and decay it (to about 0.79×
+        # over the default schedule). A frozen parameter is still exported (pretrain/export.py: consolidate).
+        backbone.embeddings.encoder1.requires_grad_(False)
         self.mask_tokens = nn.ParameterList()
         self.densify_projs = nn.ModuleList()
         for i in range(4):  # the official builds a fifth (96³) level whose output the decoder never reads
             tok = nn.Parameter(torch.zeros(1, chans[i], 1, 1, 1))
             nn.init.trunc_normal_(tok, std=0.02, a=-0.02, b=0.02)
-            self.mask_tokens.append(tok)  # [0] fills the deepest level only when toki is off
+            tok.requires_grad_(not (i == 0 and cfg.toki))  # [0] fills the deepest level only when toki is off
+            self.mask_tokens.append(tok)
             k = 1 if i == 0 else 3
             self.densify_projs.append(nn.Conv3d(chans[i], w // 2 ** i, k, padding=k // 2))
         self.decoder = LightDecoder(w, 4, out_chans=backbone.in_chans)
@@ -210,7 +218,7 @@ class MambaMIM(nn.Module):
     def reconstruct_from(self, x: Tensor, active: Tensor) -> Tensor:
         """The reconstruction [B, 1, *crop] of ``x`` seen through ``active`` (visible 16³ patches)."""
         a_full = active.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3).repeat_interleave(PATCH, 4)
-        feats = self.backbone.forward_features(x * a_full.to(x.dtype), active)
+        feats = self.backbone.forward_features(x * a_full.to(x.dtype), active, skip=(0,))
         to_dec = []
         cur = active
         for i, f in enumerate(feats[::-1][:4]):  # deepest first

@@ -179,34 +179,39 @@ def test_features_per_level_and_the_sin_cos_table():
     assert torch.allclose(pe[0, 36 * x + 6 * y + z], want, atol=1e-6)
 
 
-def test_masked_path_keeps_masked_positions_at_zero_and_visible_tokens_exact():
+def test_masked_path_keeps_masked_positions_at_zero_and_runs_visible_tokens_first():
     torch.manual_seed(0)
     model = build_backbone("hymamba3d_tiny", img_size=32).eval()
     x = torch.randn(3, 1, 32, 32, 32)
     active = torch.zeros(3, 8, dtype=torch.bool)
     for b in range(3):
-        active[b, torch.randperm(8)[:2]] = True  # 2 of 8 visible per sample (75 % masked)
+        active[b, torch.randperm(8)[:2 + b]] = True  # 2, 3 and 4 of 8 visible: the keep count may differ per sample
     active = active.view(3, 1, 2, 2, 2)
     feats = model.forward_features(x, active)
-    for f, stride in zip(feats, model.feature_strides):
+    for f, stride in zip(feats[:4], model.feature_strides):
         m = active.repeat_interleave(16 // stride, 2).repeat_interleave(16 // stride, 3).repeat_interleave(16 // stride, 4)
-        assert (f * (~m)).abs().max() == 0, stride  # masked positions stay zero at every level
+        assert (f * (~m)).abs().max() == 0, stride  # masked positions stay zero at every convolution level
         assert (f * m).abs().sum() > 0
-    # the Mamba stage sees only each sample's visible tokens, in raster order: its output on a visible token
-    # equals a dense run on the visible tokens alone
+    # the Mamba stage runs each sample's visible tokens first (raster order), then its masked ones: a visible
+    # token's output is that of a run on the visible tokens alone, a masked one's has seen them all
     deep = model.embeddings(x, active)[-1]
-    b = 1
-    vis = active[b].flatten()
-    t = deep[b:b + 1].flatten(2).transpose(1, 2) + model.mae.pos_embed
-    t = t[:, vis]
-    for blk in model.mae.blocks:
-        t = blk(t)
-    got = feats[-1][b].flatten(1).transpose(0, 1)[vis]
-    assert torch.allclose(got, t[0], atol=1e-5)
-    with pytest.raises(ValueError, match="same, non-zero number"):
-        bad = active.clone()
-        bad[0, 0, 0, 0, 0] = ~bad[0, 0, 0, 0, 0]
-        model.forward_features(x, bad)
+    for b in range(3):
+        vis = active[b].flatten()
+        t = deep[b:b + 1].flatten(2).transpose(1, 2) + model.mae.pos_embed
+        alone = t[:, vis]
+        for blk in model.mae.blocks:
+            alone = blk(alone)
+        seq = torch.cat([t[:, vis], t[:, ~vis]], 1)
+        for blk in model.mae.blocks:
+            seq = blk(seq)
+        got = feats[-1][b].flatten(1).transpose(0, 1)
+        assert torch.allclose(got[vis], alone[0], atol=1e-5)
+        assert torch.allclose(got[~vis], seq[0, int(vis.sum()):], atol=1e-5)
+        assert torch.allclose(t[0, ~vis], model.mae.pos_embed[0, ~vis])  # masked tokens: the position alone
+    skipped = model.forward_features(x, active, skip=(0,))
+    assert skipped[0] is None and all(torch.equal(a, b) for a, b in zip(skipped[1:], feats[1:]))
+    with pytest.raises(ValueError, match="at least one visible token"):
+        model.forward_features(x, torch.zeros_like(active))
 
 
 def test_downstream_network_is_the_official_build_hybird():

@@ -16,13 +16,14 @@ def _inputs(b, d, n, L, dtype=torch.float64, seed=0):
             "B": r(b, n, L), "C": r(b, n, L), "D": r(d), "z": r(b, d, L), "delta_bias": r(d) * 0.1}
 
 
-@pytest.mark.parametrize("L, chunk", [(7, 4), (32, 8), (45, 8), (50, 64), (33, 1)])
-def test_chunked_scan_equals_the_recurrence_forward_and_gradients(L, chunk):
-    """Lengths that are and are not multiples of the chunk, a chunk longer than the sequence, chunks of one."""
+@pytest.mark.parametrize("L", [1, 2, 3, 7, 32, 45, 129, 216])
+def test_parallel_scan_equals_the_recurrence_forward_and_gradients(L):
+    """Lengths that are and are not powers of two (odd ones leave a step unpaired at some level), one step,
+    and MambaMIM's 6³ token grid."""
     ins = _inputs(2, 5, 3, L)
     for t in ins.values():
         t.requires_grad_(True)
-    got = selective_scan(**ins, delta_softplus=True, chunk=chunk)
+    got = selective_scan(**ins, delta_softplus=True)
     ref = selective_scan_reference(**ins, delta_softplus=True)
     assert got.dtype == torch.float64
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-10
@@ -33,15 +34,38 @@ def test_chunked_scan_equals_the_recurrence_forward_and_gradients(L, chunk):
         assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() < 1e-5, name
 
 
-def test_long_chunks_with_strong_decay_do_not_overflow_in_float32():
-    """Sum of dt·A over a 128-step chunk near -2000: exp(-S) alone would be inf in fp32."""
+def test_strong_decay_does_not_overflow_in_float32():
+    """dt·A near −16 per step: over 256 steps the decay reaches e^−4000, where exp(−S) alone is inf in fp32."""
     ins = _inputs(1, 4, 16, 256, dtype=torch.float32, seed=1)
     ins["delta"] = ins["delta"].abs() + 1.0
     ins["A"] = -torch.full((4, 16), 16.0)
-    got = selective_scan(**ins, delta_softplus=True, chunk=128)
-    ref = selective_scan_reference(**{k: v.double() for k, v in ins.items()}, delta_softplus=True)
+    for t in ins.values():
+        t.requires_grad_(True)
+    got = selective_scan(**ins, delta_softplus=True)
+    dbl = {k: v.detach().double().requires_grad_(True) for k, v in ins.items()}
+    ref = selective_scan_reference(**dbl, delta_softplus=True)
     assert torch.isfinite(got).all()
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    got.sum().backward()
+    ref.sum().backward()
+    for k in ins:
+        assert torch.isfinite(ins[k].grad).all(), k
+        assert ((ins[k].grad.double() - dbl[k].grad).abs().max() / dbl[k].grad.abs().max()).item() < 1e-3, k
+
+
+def test_scan_runs_in_float32_under_bf16_autocast_and_backward_can_run_twice():
+    """mamba_ssm computes the scan in fp32 whatever the autocast; a retained graph gives the same gradient twice."""
+    ins = {k: v.float().requires_grad_(True) for k, v in _inputs(2, 6, 4, 40, seed=2).items()}
+    plain = selective_scan(**ins, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = selective_scan(**ins, delta_softplus=True)
+    assert auto.dtype == torch.float32
+    assert torch.equal(auto, plain)
+    g1 = torch.autograd.grad(plain.sum(), ins["A"], retain_graph=True)[0]
+    g2 = torch.autograd.grad(plain.sum(), ins["A"])[0]
+    assert torch.equal(g1, g2)
+    bf = selective_scan(**{k: v.detach().bfloat16() for k, v in ins.items()}, delta_softplus=True)
+    assert bf.dtype == torch.bfloat16  # returned in the input's dtype
 
 
 def test_mamba_mixer_has_mamba_ssm_names_shapes_and_init():

@@ -99,6 +99,16 @@ def test_decoder_widths_and_the_tiny_task_trains_on_cpu():
     assert task.A_interpolation.grad is not None  # TOKI's matrix learns through the A^1 terms
     assert task.mask_tokens[1].grad is not None
     assert backbone.mae.blocks[0].mamba.A_log.grad is not None
+    # every trainable parameter gets a gradient (DeepSpeed would hand the others zeros and AdamW decay them); the
+    # frozen ones are the never-read 96³ skip and the deepest mask token, which TOKI replaces
+    frozen = {n for n, p in task.named_parameters() if not p.requires_grad}
+    assert frozen == {"mask_tokens.0"} | {f"backbone.embeddings.encoder1.{n}" for n, _ in
+                                          backbone.embeddings.encoder1.named_parameters()}
+    assert [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None] == []
+    no_toki = MambaMIM(build_backbone("hymamba3d_tiny", img_size=64), MambaMIMConfig(decoder_width=96, toki=False))
+    no_toki({"image": x})["loss"].backward()
+    assert not no_toki.A_interpolation.requires_grad and no_toki.mask_tokens[0].grad is not None
+    assert [n for n, p in no_toki.named_parameters() if p.requires_grad and p.grad is None] == []
     # masked stages leave masked positions at zero: the encoder sees zeros there, whatever the input holds
     active = random_active(2, (4, 4, 4), 0.75, generator=torch.Generator().manual_seed(3))
     a_full = active.repeat_interleave(16, 2).repeat_interleave(16, 3).repeat_interleave(16, 4)

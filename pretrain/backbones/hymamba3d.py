@@ -19,9 +19,10 @@ Contract 2 (docs/DESIGN.md): ``forward_features(x, active=None)`` returns
 
 ``active`` ([B, 1, X/16, Y/16, Z/16] bool, True = visible) runs the encoder as MambaMIM pretrains it (SparK-style):
 the mask is upsampled to every resolution, every convolution and pooling output is multiplied by it, the
-LayerNorms leave masked positions at zero, and the Mamba stage drops the masked tokens, each sample keeping
-exactly its own visible ones (the official code keeps ``sum(mask)`` over the whole batch, so with 4 crops per
-volume it never drops a token). Masked positions of the deepest output come back as zeros.
+LayerNorms leave masked positions at zero, and the Mamba stage runs each sample's visible tokens first (raster
+order) and its masked ones, position embedding only, after them: visible outputs are those of a run on the
+visible tokens alone (the scan is causal) and masked ones have seen every visible token, which is what the
+official code computes (its keep count, summed over the batch, covers every token from 4 crops on).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class Embeddings(nn.Module):
             setattr(self, f"encoder{i}", ResBlock3d(c[i], c[i]))
         self.down = nn.MaxPool3d(2)
 
-    def forward(self, x: Tensor, active: Tensor | None = None) -> list[Tensor]:
+    def forward(self, x: Tensor, active: Tensor | None = None, skip: Sequence[int] = ()) -> list[Tensor | None]:
         size = x.shape[2:]
         mask = lambda k: upsample_mask(active, [s // 2 ** k for s in size])  # noqa: E731
         m = mask(0)
@@ -141,7 +142,7 @@ class Embeddings(nn.Module):
             if k < 4:
                 x = _masked(getattr(self, f"expend{k + 1}")(x), m)
                 raw.append(x)
-        skips = [getattr(self, f"encoder{i + 1}")(r, mask(i)) for i, r in enumerate(raw)]
+        skips = [None if i in skip else getattr(self, f"encoder{i + 1}")(r, mask(i)) for i, r in enumerate(raw)]
         return skips + [x]
 
 
@@ -201,15 +202,20 @@ class MambaStage(nn.Module):
             for blk in self.blocks:
                 t = blk(t)
             return t.transpose(1, 2).reshape(x.shape)
+        # Masked: every sample's visible tokens first, in raster order, then its masked ones (which hold only the
+        # position embedding, the convolution stages having zeroed them). The scan is causal, so a visible token's
+        # output is that of a run on the visible tokens alone; a masked one's has seen every visible token. That
+        # is what the official code computes in practice: it keeps len_keep = the mask summed over the batch,
+        # which from 4 crops on is every token, and orders them by an unstable argsort (visible first); here the
+        # order is per sample and stable, and the mask token it would append is never needed.
         vis = active.flatten(1)  # [B, N] bool
-        keep = vis.sum(1)
-        if not bool((keep == keep[0]).all()) or int(keep[0]) == 0:
-            raise ValueError(f"every sample must keep the same, non-zero number of tokens (got {keep.tolist()})")
-        order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, : int(keep[0])]  # visible, raster order
-        kept = torch.gather(t, 1, order[..., None].expand(-1, -1, C))
+        if not bool(vis.any(1).all()):
+            raise ValueError(f"every sample needs at least one visible token (visible per sample: {vis.sum(1).tolist()})")
+        order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[..., None].expand(-1, -1, C)
+        seq = torch.gather(t, 1, order)
         for blk in self.blocks:
-            kept = blk(kept)
-        out = t.new_zeros(B, t.shape[1], C).scatter(1, order[..., None].expand(-1, -1, C), kept)
+            seq = blk(seq)
+        out = torch.empty_like(seq).scatter_(1, order, seq)
         return out.transpose(1, 2).reshape(x.shape)
 
 
@@ -246,14 +252,16 @@ class HyMamba3D(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()  # the official AdamW decays every parameter (one group)
 
-    def forward_features(self, x: Tensor, active: Tensor | None = None) -> list[Tensor]:
+    def forward_features(self, x: Tensor, active: Tensor | None = None, skip: Sequence[int] = ()) -> list[Tensor | None]:
+        """The five feature levels; ``skip`` names levels (0-3) whose ``encoder{i+1}`` block is not run (None in
+        their place), for a pretext task that never reads them."""
         if x.dim() != 5 or x.shape[1] != self.in_chans:
             raise ValueError(f"input {tuple(x.shape)} must be [B, {self.in_chans}, X, Y, Z]")
         if any(s % 16 for s in x.shape[2:]):
             raise ValueError(f"input of spatial size {tuple(x.shape[2:])}: sides must be multiples of 16")
         if active is not None and tuple(active.shape[2:]) != tuple(s // 16 for s in x.shape[2:]):
             raise ValueError(f"active {tuple(active.shape)} must be [B, 1, X/16, Y/16, Z/16]")
-        feats = self.embeddings(x, active)
+        feats = self.embeddings(x, active, skip)
         feats[-1] = self.mae(feats[-1], active)
         return feats
 

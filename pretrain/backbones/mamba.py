@@ -1,6 +1,6 @@
-"""Mamba (v1) in plain PyTorch: the selective scan as a chunked parallel scan, and the ``Mamba`` mixer with
-``mamba_ssm``'s parameter names, so MambaMIM runs on any device; ``mamba_ssm``'s CUDA kernels are used when
-they import and the input is on a CUDA device (optional extra ``mamba``).
+"""Mamba (v1) in plain PyTorch: the selective scan as a parallel (associative) scan over time, and the ``Mamba``
+mixer with ``mamba_ssm``'s parameter names, so MambaMIM runs on any device; ``mamba_ssm``'s CUDA kernels are used
+when they import and the input is on a CUDA device (optional extra ``mamba``).
 
 The recurrence (Gu & Dao 2023, S6), per channel d and state n::
 
@@ -8,12 +8,15 @@ The recurrence (Gu & Dao 2023, S6), per channel d and state n::
     h_t  = exp(dt_t · A) ⊙ h_{t-1} + dt_t · B_t · u_t
     y_t  = C_t · h_t + D · u_t,   then y · SiLU(z)
 
-Chunked scan: the sequence is cut into chunks of ``chunk`` steps. Inside a chunk every output is a weighted sum
-of the chunk's inputs with weights exp(S_t − S_s) (S the running sum of dt·A, s ≤ t), formed in log space from
-differences of the running sums, so that no factor exceeds 1 and nothing overflows whatever the chunk length
-(forming exp(S_t) and exp(−S_s) separately overflows fp32 from about 64 steps on). The state is carried from
-chunk to chunk. Under autograd each chunk is recomputed in backward (activation checkpointing): the (T × T × N)
-weights of a chunk are never stored for the whole sequence.
+Parallel scan: h_t = a_t ⊙ h_{t−1} + x_t is associative in the pairs (a, x) — (a1, x1) then (a2, x2) is
+(a1·a2, a2·x1 + x2) — so the whole sequence is solved by odd–even reduction: combine neighbouring pairs, solve
+the half-length sequence the same way, fill the even steps from their odd neighbours. That is log2(L) levels of
+whole-tensor operations and about 2·L combines in all, with no Python loop over time. It only ever multiplies
+decays (each ≤ 1) and never divides by one, so no step size or chunk length can overflow it: the cumulative-sum
+form exp(S_t)·Σ exp(−S_s)·x_s overflows fp32 once the decay over a chunk passes e^−88 (64 steps at dt·A = −1.4;
+mamba_ssm's initial A alone reaches −16). Gradients come from the reverse recurrence (g_t = C_t·dy_t + a_{t+1} ⊙ g_{t+1},
+the same scan run backwards) in a hand-written backward that keeps only the states h, not every level's
+intermediates. The scan runs in float32 at least (float64 stays float64), autocast or not.
 """
 
 from __future__ import annotations
@@ -23,56 +26,81 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-CHUNK = 16  # steps per chunk: the fastest of 16/32/64 at L 4096 on CPU (bench/scan.py, BENCHMARKS.md); at L 216
-#           this form is still slower than the step loop: the T × T weights are to be replaced (MambaMIM issue)
 
 
-def _chunk_scan(u, delta, A, B, C, h0):
-    """One chunk. u, delta [b, d, T]; A [d, n]; B, C [b, n, T]; h0 [b, d, n] -> (y [b, d, T], h_T [b, d, n])."""
-    a = delta.unsqueeze(-1) * A[:, None, :]  # [b, d, T, n] log decay per step (<= 0)
-    s = torch.cumsum(a, dim=2)  # S_t
-    T = u.shape[-1]
-    diff = s.unsqueeze(3) - s.unsqueeze(2)  # [b, d, t, s, n] S_t - S_s
-    causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
-    w = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))  # 0 above the diagonal
-    x = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [b, d, T, n] dt_s · B_s · u_s
-    h = torch.einsum("bdtsn,bdsn->bdtn", w, x) + torch.exp(s) * h0.unsqueeze(2)  # [b, d, T, n] every h_t
-    y = torch.einsum("bdtn,bnt->bdt", h, C)
-    return y, h[:, :, -1]
+def _scan_time_first(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t ⊙ h_{t−1} + x_t with h_{−1} = 0, along dim 0 of [L, ...] tensors, by odd–even reduction."""
+    L = x.shape[0]
+    if L == 1:
+        return x
+    a_even, a_odd = a[0:L - 1:2], a[1::2]  # the pairs (0, 1), (2, 3), ...; an odd L leaves the last step unpaired
+    h_odd = _scan_time_first(a_odd * a_even, torch.addcmul(x[1::2], a_odd, x[0:L - 1:2]))  # h_1, h_3, ...
+    h = torch.empty_like(x)
+    h[1::2] = h_odd
+    h[0] = x[0]
+    if L > 2:  # h_2k = a_2k ⊙ h_{2k−1} + x_2k
+        h[2::2] = torch.addcmul(x[2::2], a[2::2], h_odd[:(L - 1) // 2])
+    return h
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """y_t = C_t · h_t with h_t = exp(delta_t·A) ⊙ h_{t−1} + delta_t·B_t·u_t. u, delta [b, d, L]; A [d, n];
+    B, C [b, n, L] -> y [b, d, L]. Works time-first ([L, b, d, n]) so that the scan's slices are contiguous."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        dt = delta.permute(2, 0, 1)  # [L, b, d]
+        Bl = B.permute(2, 0, 1).unsqueeze(2)  # [L, b, 1, n]
+        x = (dt * u.permute(2, 0, 1)).unsqueeze(-1) * Bl  # [L, b, d, n] dt·B·u
+        h = _scan_time_first(torch.exp(dt.unsqueeze(-1) * A), x)
+        del x
+        ctx.save_for_backward(u, delta, A, B, C, h)
+        return (h * C.permute(2, 0, 1).unsqueeze(2)).sum(-1).permute(1, 2, 0)
+
+    @staticmethod
+    def backward(ctx, gy):
+        u, delta, A, B, C, h = ctx.saved_tensors
+        dt, ul, gyl = delta.permute(2, 0, 1), u.permute(2, 0, 1), gy.permute(2, 0, 1)  # [L, b, d]
+        Bl, Cl = B.permute(2, 0, 1).unsqueeze(2), C.permute(2, 0, 1).unsqueeze(2)  # [L, b, 1, n]
+        gC = (gyl.unsqueeze(-1) * h).sum(2).permute(1, 2, 0)
+        a = torch.exp(dt.unsqueeze(-1) * A)  # [L, b, d, n] the decays
+        # g_t = C_t·dy_t + a_{t+1} ⊙ g_{t+1}: the forward scan on the reversed sequence, decays shifted by one
+        a_next = torch.cat((a[1:], torch.ones_like(a[:1]))).flip(0)
+        g = _scan_time_first(a_next, gyl.flip(0).unsqueeze(-1) * Cl.flip(0)).flip(0)  # dL/dh_t, [L, b, d, n]
+        del a_next
+        du = dt * ul  # [L, b, d]
+        gB = (g * du.unsqueeze(-1)).sum(2).permute(1, 2, 0)
+        gdu = (g * Bl).sum(-1)  # [L, b, d]
+        # dL/d(dt·A)_t = g_t ⊙ a_t ⊙ h_{t−1}, formed as a product: h_t − x_t would cancel when a_t is tiny
+        g_log_decay = torch.zeros_like(g)
+        torch.mul(g[1:] * a[1:], h[:-1], out=g_log_decay[1:])
+        del a
+        gA = (g_log_decay * dt.unsqueeze(-1)).sum((0, 1))
+        gdelta = ((g_log_decay * A).sum(-1) + gdu * ul).permute(1, 2, 0)
+        gu = (gdu * dt).permute(1, 2, 0)
+        return gu, gdelta, gA, gB, gC
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
-                   delta_softplus: bool = False, chunk: int = CHUNK) -> torch.Tensor:
+                   delta_softplus: bool = False) -> torch.Tensor:
     """``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``'s arguments and result, in PyTorch.
 
     u, delta, z: [b, d, L]; A: [d, n] (real, negative); B, C: [b, n, L]; D, delta_bias: [d]. Returns [b, d, L]
-    in u's dtype (computed in float32 at least)."""
+    in u's dtype, computed in float32 at least (as mamba_ssm's kernel does, also under bf16 autocast)."""
     dtype = u.dtype
     work = torch.promote_types(dtype, torch.float32)
-    u, delta, A, B, C = (t.to(work) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(work)[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    b, d, L = u.shape
-    h = u.new_zeros(b, d, A.shape[1])
-    ys = []
-    for start in range(0, L, chunk):
-        sl = slice(start, min(start + chunk, L))
-        args = (u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], h)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
-            y, h = checkpoint(_chunk_scan, *args, use_reentrant=False)
-        else:
-            y, h = _chunk_scan(*args)
-        ys.append(y)
-    y = torch.cat(ys, dim=-1)
-    if D is not None:
-        y = y + D.to(work)[None, :, None] * u
-    if z is not None:
-        y = y * F.silu(z.to(work))
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C = (t.to(work) for t in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(work)[None, :, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        y = _SelectiveScan.apply(u, delta, A, B, C)
+        if D is not None:
+            y = y + D.to(work)[None, :, None] * u
+        if z is not None:
+            y = y * F.silu(z.to(work))
     return y.to(dtype)
 
 
