@@ -210,7 +210,14 @@ def make_decoder(backbone: nn.Module, arch: str, in_channels: int, out_channels:
 # ----------------------------------------------------------------------------------------- optimisation
 def layer_id(name: str) -> int | None:
     """Depth of an encoder parameter for layer-wise lr decay: stem 0, block/stage i → i + 1, None for the
-    rest (the final norm), which sits on top with the decoder."""
+    rest (the final norm), which sits on top with the decoder. hymamba3d: its convolution levels by resolution
+    (stem, expend1, encoder1 → 0; layer k, expend k, encoder k → k − 1), then the Mamba layers (mae.blocks.i → 5 + i)."""
+    m = re.match(r"embeddings\.(stem|layer|expend|encoder)(\d*)", name)
+    if m:
+        return 0 if m.group(1) == "stem" else int(m.group(2)) - 1
+    m = re.match(r"mae\.blocks\.(\d+)\.", name)
+    if m:
+        return 5 + int(m.group(1))
     if re.match(r"(patch_embed|cls_token|pos_embed|stem|swinViT\.patch_embed|vit\.patch_embedding)", name):
         return 0
     m = re.search(r"(?:^|\.)(?:blocks|stages|layers)\.?(\d+)\.", name)  # also SwinUNETR's swinViT.layers1..4

@@ -207,6 +207,9 @@ def resolve(args) -> tuple:
     for d in cfg.data.shards:
         if not (Path(d) / "index.json").exists():
             raise ConfigError(f"--shards {d}: no index.json (build it with `python -m medssl.shards build … --out {d}`)")
+    from .train import check_optim
+
+    check_optim(cfg)
     data = shard_channels(cfg.data.shards)
     given = cfg.model.kwargs.get("in_chans")
     if given is not None and int(given) != data["channels"]:

@@ -13,6 +13,7 @@ becomes a ``hymamba3d`` export key for key, less the unused backward-branch tens
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def import_hi_end_mae(checkpoint: str | Path, out: str | Path, log=print) -> Pat
 
 
 # MambaMIM's pretraining data (utils/med_dataset.py: RAS, 1.5 mm, 96³, [-175, 250] HU -> [0, 1])
-MAMBAMIM_PREPROCESSING = HI_END_MAE_PREPROCESSING
+MAMBAMIM_PREPROCESSING = copy.deepcopy(HI_END_MAE_PREPROCESSING)  # equal today; a copy so one can change alone
 
 
 def convert_mambamim(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[str, torch.Tensor], list[str]]:
@@ -106,11 +107,13 @@ def convert_mambamim(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
     (pretraining only), ``mae.pos_embed`` (the fixed sin-cos table, recomputed), and anything outside the encoder."""
     from .backbones.hymamba3d import OFFICIAL_UNUSED
 
-    out, dropped = {}, []
+    out, dropped, pos = {}, [], None
     for key, value in state.items():
         k = key
         for prefix in ("module.", "sparse_encoder."):
             k = k[len(prefix):] if k.startswith(prefix) else k
+        if k == "mae.pos_embed":
+            pos = value
         if not k.startswith(("embeddings.", "mae.")) or any(u in k for u in OFFICIAL_UNUSED):
             dropped.append(key)
             continue
@@ -119,14 +122,16 @@ def convert_mambamim(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[st
         raise ValueError("no 'embeddings.stem.weight' in the checkpoint: not a MambaMIM encoder "
                          "(expected the released *_mambamim_timm_style.pth)")
     in_chans = int(out["embeddings.stem.weight"].shape[1])
-    pos = state.get("mae.pos_embed", state.get("sparse_encoder.mae.pos_embed"))
     side = round((pos.shape[1] if pos is not None else 216) ** (1 / 3))  # the token grid it was pretrained on
     return "hymamba3d", {"in_chans": in_chans, "img_size": 16 * side}, out, dropped
 
 
 def import_mambamim(checkpoint: str | Path, out: str | Path, log=print) -> Path:
-    return _import(checkpoint, out, "mambamim", convert_mambamim, MAMBAMIM_PREPROCESSING,
+    dest = _import(checkpoint, out, "mambamim", convert_mambamim, MAMBAMIM_PREPROCESSING,
                    "the Mamba blocks' unused backward branch, the pretraining mask token, the fixed position table", log)
+    log("note: the release's embeddings.encoder1.* (the 96³ skip) hold their initialisation: the official "
+        "pretraining computes that skip and never reads it, so fine-tuning trains it from there")
+    return dest
 
 
 IMPORTERS = {"hi_end_mae": import_hi_end_mae, "mambamim": import_mambamim}

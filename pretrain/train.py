@@ -48,13 +48,27 @@ def wd_at(step: int, cfg: RunConfig) -> float | None:
     return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """A torch optimizer (DeepSpeed's fused ones need a JIT build on CPU): AdamW, or Adam with L2 decay."""
+def check_optim(cfg) -> None:
+    """The optimizer settings a run can be built from, or a ConfigError naming the key and the fix (checked before
+    the run folder is made, and again when the optimizer is)."""
+    from .config import ConfigError
+
     o = cfg.optim
     if o.optimizer not in ("adamw", "adam"):
-        raise ValueError(f"optim.optimizer={o.optimizer!r}: choose adamw or adam")
+        raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose adamw or adam")
     if o.schedule not in ("cosine", "step"):
-        raise ValueError(f"optim.schedule={o.schedule!r}: choose cosine or step")
+        raise ConfigError(f"optim.schedule={o.schedule!r}: choose cosine or step")
+    if o.weight_decay_end is not None and o.weight_decay == 0 and o.weight_decay_end != 0:
+        # the schedule leaves groups that start at 0 at 0 (norms, biases), so this would mean no decay at all
+        raise ConfigError(f"optim.weight_decay=0 with optim.weight_decay_end={o.weight_decay_end}: the cosine starts "
+                          "from weight_decay and groups at 0 stay at 0; give a starting value, e.g. "
+                          "optim.weight_decay=0.04")
+
+
+def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """A torch optimizer (DeepSpeed's fused ones need a JIT build on CPU): AdamW, or Adam with L2 decay."""
+    check_optim(cfg)
+    o = cfg.optim
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=o.lr, betas=tuple(o.betas))
 

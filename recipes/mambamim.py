@@ -205,7 +205,8 @@ class MambaMIM(nn.Module):
             tok.requires_grad_(not (i == 0 and cfg.toki))  # [0] fills the deepest level only when toki is off
             self.mask_tokens.append(tok)
             k = 1 if i == 0 else 3
-            self.densify_projs.append(nn.Conv3d(chans[i], w // 2 ** i, k, padding=k // 2))
+            same = i == 0 and chans[i] == w  # official: Identity when the deepest width is the decoder's already
+            self.densify_projs.append(nn.Identity() if same else nn.Conv3d(chans[i], w // 2 ** i, k, padding=k // 2))
         self.decoder = LightDecoder(w, 4, out_chans=backbone.in_chans)
         self.grid = tuple(backbone.grid)
         tokens = math.prod(self.grid)

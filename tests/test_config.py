@@ -89,11 +89,14 @@ def test_warmup_then_cosine():
     ("model.kwargs={embed_dim: 100, num_heads: 4}", "divisible by 6"),
     ("model.kwargs={num_heads: 5}", "num_heads"),
     ("train.global_batch=7", "global_batch"),
+    ("optim.schedule=linear", "choose cosine or step"),
+    (("optim.weight_decay=0", "optim.weight_decay_end=0.2"), "groups at 0 stay at 0"),  # would silently never decay
 ])
 def test_cli_refuses_bad_settings_before_starting(built, tmp_path, capsys, override, words):
     from medssl.pretrain.__main__ import main
 
-    rc = main(["hi_end_mae", "--shards", str(built), "--out", str(tmp_path / "run"), "--preset", "tiny", override])
+    rc = main(["hi_end_mae", "--shards", str(built), "--out", str(tmp_path / "run"), "--preset", "tiny",
+               *(override if isinstance(override, tuple) else (override,))])
     assert rc == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "nothing was started"
@@ -120,3 +123,17 @@ def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys):
     assert main(["--local_rank=0", "list"]) == 0
     out = capsys.readouterr().out
     assert "hi_end_mae" in out and "vit3d_base_p16" in out
+
+
+def test_weight_decay_schedule_is_mambamims():
+    """optim.weight_decay_end: the cosine of MambaMIM's utils/lr_control.py, written out here from it —
+    wd_end + (wd − wd_end)·(0.5 + 0.5·cos(π·it / (max_it − 1))), for it = 0 … max_it − 1 (the loop's 0-based step)."""
+    from medssl.pretrain.train import wd_at
+
+    cfg = load_config("mambamim", ["train.steps=1000"])
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.04, 0.2)
+    for it in (0, 1, 250, 499, 500, 998, 999):
+        want = 0.2 + (0.04 - 0.2) * (0.5 + 0.5 * math.cos(math.pi * it / 999))
+        assert wd_at(it, cfg) == pytest.approx(want, rel=1e-12, abs=1e-15), it
+    assert wd_at(0, cfg) == pytest.approx(0.04) and wd_at(999, cfg) == pytest.approx(0.2)
+    assert wd_at(10, load_config("hi_end_mae")) is None  # no end value: the optimizer's constant decay

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -251,7 +253,45 @@ def test_official_encoder_file_imports_key_for_key(tmp_path):
     assert sorted(state) == sorted(kept)
     for k in kept:
         assert torch.equal(state[k], official[k]), k
+    # a DDP-wrapped file pretrained on 64³ crops: the grid comes from its (prefix-stripped) position table
+    wrapped = {f"module.{k}": (torch.zeros(1, 64, 384) if k == "mae.pos_embed" else v) for k, v in official.items()}
+    torch.save(wrapped, tmp_path / "ddp.pth")
+    assert pretrain_main(["import", "mambamim", str(tmp_path / "ddp.pth"), "--out", str(tmp_path / "ddp")]) == 0
+    assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["backbone"]["kwargs"]["img_size"] == 64
     # a file that is not a MambaMIM encoder is refused with exit 2
     torch.save({"encoder.patch_embed.proj.weight": torch.zeros(1)}, tmp_path / "other.pth")
     assert pretrain_main(["import", "mambamim", str(tmp_path / "other.pth"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_layer_decay_depths_follow_the_network():
+    """Layer-wise lr decay on hymamba3d: the convolution levels by resolution, then the Mamba layers on top, so a
+    layer_decay < 1 slows the shallow stem most (every parameter gets a depth)."""
+    from medssl.finetune.models import layer_id
+
+    names = [n for n, _ in build_backbone("hymamba3d_tiny", img_size=32).named_parameters()]
+    depth = {n: layer_id(n) for n in names}
+    assert None not in depth.values()
+    assert depth["embeddings.stem.weight"] == 0 and depth["embeddings.expend1.weight"] == 0
+    level = lambda k: {v for n, v in depth.items() if n.startswith(f"embeddings.layer{k}.")}  # noqa: E731
+    assert [level(k) for k in range(2, 6)] == [{1}, {2}, {3}, {4}]
+    assert {v for n, v in depth.items() if n.startswith("mae.blocks.1.")} == {6}
+
+
+def test_layer_norm_is_the_official_sparse_formula():
+    """LayerNorm3d against the official formula written out (biased variance over channels, eps 1e-6, affine),
+    zero at masked voxels whatever the input holds there."""
+    from medssl.pretrain.backbones.hymamba3d import LayerNorm3d
+
+    torch.manual_seed(0)
+    ln = LayerNorm3d(16).double()
+    ln.weight.data.normal_()
+    ln.bias.data.normal_()
+    x = torch.randn(2, 16, 6, 6, 6, dtype=torch.float64) * 3 + 1
+    m = torch.rand(2, 1, 6, 6, 6) > 0.5
+    u = x.mean(1, keepdim=True)
+    var = (x - u).pow(2).mean(1, keepdim=True)
+    want = (ln.weight[:, None, None, None] * (x - u) / torch.sqrt(var + 1e-6) + ln.bias[:, None, None, None]) * m
+    got = ln(x, m)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert (got * ~m).abs().max() == 0

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..registry import BACKBONES
 from .mamba import Mamba
+from .vit3d import sincos_pos_embed_3d
 
 # tensors of the official checkpoint we do not keep: the Mamba blocks' backward branch (built, never used by the
 # one-directional scan: still at their random init in the released file), the pretraining mask token, and the
@@ -70,10 +71,10 @@ class LayerNorm3d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, m: Tensor | None = None) -> Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return _masked(self.weight[:, None, None, None] * x + self.bias[:, None, None, None], m)
+        # the official formula, (x − mean) / sqrt(var + eps) · w + b over channels, as one fused layer_norm on a
+        # channels-last view: one saved tensor instead of three full-volume temporaries
+        y = F.layer_norm(x.permute(0, 2, 3, 4, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return _masked(y.permute(0, 4, 1, 2, 3), m)
 
 
 class MedNeXtBlock(nn.Module):
@@ -148,17 +149,9 @@ class Embeddings(nn.Module):
 
 def sincos_3d(grid: Sequence[int], dim: int) -> Tensor:
     """The official fixed 3D sin-cos table ([1, N, dim], N = X·Y·Z with Z fastest): dim / 6 frequencies
-    1 / 10000^(k / (dim / 6)) per axis, channels [sin x, cos x, sin y, cos y, sin z, cos z]."""
-    if dim % 6:
-        raise ValueError(f"embed dim {dim} must be divisible by 6 for the 3D sin-cos position embedding")
-    pos_dim = dim // 6
-    omega = 1.0 / 10000 ** (torch.arange(pos_dim, dtype=torch.float64) / pos_dim)
-    axes = torch.meshgrid(*(torch.arange(g, dtype=torch.float64) for g in grid), indexing="ij")
-    parts = []
-    for a in axes:
-        out = a.flatten()[:, None] * omega[None]
-        parts += [torch.sin(out), torch.cos(out)]
-    return torch.cat(parts, dim=1)[None].to(torch.float32)
+    1 / 10000^(k / (dim / 6)) per axis, channels [sin x, cos x, sin y, cos y, sin z, cos z], in float32 as the
+    official ``build_3d_sincos_position_embedding`` — the same table as the ViT's (real also on the meta device)."""
+    return sincos_pos_embed_3d(tuple(grid), dim)[None]
 
 
 class MambaLayer(nn.Module):

@@ -21,6 +21,7 @@ intermediates. The scan runs in float32 at least (float64 stays float64), autoca
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -124,8 +125,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return y
 
 
+@functools.lru_cache(maxsize=1)
 def _cuda_scan():
-    """mamba_ssm's fused kernel when it imports (CUDA builds only), else None."""
+    """mamba_ssm's fused kernel when it imports (CUDA builds only), else None; tried once per process."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception:  # noqa: BLE001 - not installed, or built for another torch / no CUDA
