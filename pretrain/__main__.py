@@ -222,6 +222,8 @@ def resolve(args) -> tuple:
     with torch.device("meta"):  # constructor checks (crop vs patch, widths, heads) without allocating
         backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
         task_class(cfg.recipe)(backbone, cfg.task)
+    if hasattr(task_class(cfg.recipe), "check_config"):  # what the task needs of the data and the batch
+        task_class(cfg.recipe).check_config(cfg)
     world = launcher_world_size()
     check_batch(cfg, world)
     ds_user = read_deepspeed_json(args.deepspeed_config) if args.deepspeed_config else None

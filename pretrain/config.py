@@ -48,6 +48,7 @@ class DataConfig:
     intensity_shift: float = 0.1
     shuffle_buffer: int = 4
     pool_size: int = 4
+    partitions: int = 0  # S > 0: crop j of each volume centred in the j-th of S cranio-caudal slabs (contrastive)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class OptimConfig:
     #                                        training (MambaMIM: 0.04 -> 0.2); groups without decay stay at 0
     optimizer: str = "adamw"  # adamw (decoupled decay) | adam (L2 decay added to the gradient, as PyMIC's Adam)
     schedule: str = "cosine"  # cosine: warm-up then cosine to min_lr | step: warm-up then x step_gamma every step_every
+    #                           | constant: warm-up then lr
     step_every: int = 20_000
     step_gamma: float = 0.5
 

@@ -272,6 +272,50 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient of the gathered tensor (one all_reduce) and keeps
+    this rank's slice, so a loss over all ranks' rows trains each rank's own rows. all_reduce works on every
+    backend (gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rows, ctx.rank = t.shape[0], dist.get_rank()
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
+    """Every rank's ``t`` (the same shape on all ranks) concatenated along dim 0 in rank order; gradients flow
+    back to each rank's own rows when ``grad``. ``t`` itself in a world of one. Contrastive losses use it to
+    take their negatives from the whole data-parallel batch."""
+    if world_size() == 1:
+        return t
+    if grad and t.requires_grad:
+        return _GatherWithGrad.apply(t)
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, 0)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

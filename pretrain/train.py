@@ -27,13 +27,15 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warmup from 0 (the first step's lr is 0, as the official per-iteration schedules: Hi-End-MAE's
     ``lr × epoch / warmup_epochs`` with a fractional epoch, MONAI's LinearWarmupCosineAnnealingLR from
     ``warmup_start_lr`` 0), then cosine to ``min_lr`` at the last step, or (``optim.schedule=step``)
-    ``lr × step_gamma^⌊step / step_every⌋`` (updated every step)."""
+    ``lr × step_gamma^⌊step / step_every⌋`` (updated every step), or (``constant``) ``lr``."""
     o, total = cfg.optim, max(1, cfg.train.steps)
     warmup = int(round(o.warmup_fraction * total))
     if warmup and step < warmup:
         return o.lr * step / warmup
     if getattr(o, "schedule", "cosine") == "step":
         return o.lr * o.step_gamma ** (step // max(1, o.step_every))
+    if getattr(o, "schedule", "cosine") == "constant":
+        return o.lr
     progress = (step - warmup) / max(1, total - warmup)
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -56,8 +58,8 @@ def check_optim(cfg) -> None:
     o = cfg.optim
     if o.optimizer not in ("adamw", "adam"):
         raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose adamw or adam")
-    if o.schedule not in ("cosine", "step"):
-        raise ConfigError(f"optim.schedule={o.schedule!r}: choose cosine or step")
+    if o.schedule not in ("cosine", "step", "constant"):
+        raise ConfigError(f"optim.schedule={o.schedule!r}: choose cosine, step or constant")
     if o.weight_decay_end is not None and o.weight_decay == 0 and o.weight_decay_end != 0:
         # the schedule leaves groups that start at 0 at 0 (norms, biases), so this would mean no decay at all
         raise ConfigError(f"optim.weight_decay=0 with optim.weight_decay_end={o.weight_decay_end}: the cosine starts "
@@ -149,7 +151,10 @@ def build_task(cfg: RunConfig):
     from .config import task_class
 
     backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
-    return task_class(cfg.recipe)(backbone, cfg.task)
+    task = task_class(cfg.recipe)(backbone, cfg.task)
+    if hasattr(task, "configure"):  # contract 3's optional hook: run settings a task reads (e.g. the data window)
+        task.configure(cfg)
+    return task
 
 
 def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
@@ -162,7 +167,8 @@ def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
                       pool_size=d.pool_size, pos_fraction=d.pos_fraction, negatives=d.negatives,
                       window=Window(ct=tuple(d.window_ct), out=tuple(d.window_out)),
                       flip_prob=d.flip_prob, rot90_prob=d.rot90_prob, intensity_prob=d.intensity_prob,
-                      intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift, labels=False)
+                      intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift, labels=False,
+                      partitions=d.partitions)
     return shards.stream(d.shards, sc, rank=env.rank, world_size=env.world_size)
 
 
@@ -284,8 +290,10 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     shown: dict = {}
     while step < t.steps:
         lr, wd = lr_at(step, cfg), wd_at(step, cfg)
+        # contract 3's optional hook: a task with stages says which parameter groups train at this step
+        scales = eng.module.begin_step(step, t.steps) if hasattr(eng.module, "begin_step") else {}
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * scales.get(group.get("name"), 1.0)
             if wd is not None and group.setdefault("decays", group["weight_decay"] > 0):  # no-decay groups stay at 0
                 group["weight_decay"] = wd
         scalars: dict[str, float] = {}

@@ -73,6 +73,16 @@ def pad_to(vol: np.ndarray, crop: tuple[int, int, int], value) -> tuple[np.ndarr
     return np.pad(vol, widths, mode="constant", constant_values=value), before
 
 
+def partition_origins(extent: int, crop: int, parts: int, pad: int, padded: int, rng: np.random.Generator) -> np.ndarray:
+    """Origins ``[parts]`` along one axis: crop j centred uniformly in the j-th of ``parts`` equal slabs of a stored
+    extent of ``extent`` voxels, shifted by the padding ``pad`` before it and kept inside the padded extent
+    ``padded`` (so a volume shorter than a slab's crop gives crops that overlap, still in slab order)."""
+    bounds = np.arange(parts + 1) * (extent / parts)
+    centres = bounds[:-1] + rng.random(parts) * (bounds[1:] - bounds[:-1])
+    origins = np.floor(centres - crop / 2).astype(np.int64) + pad
+    return np.clip(origins, 0, max(0, padded - crop))
+
+
 def body_points(vol: np.ndarray, threshold, stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates ``[N, 3]`` on a ``stride`` grid of the foreground (above ``threshold``, one value or one
     per channel, in any channel) and of the background (the rest), from one pass over the strided volume."""

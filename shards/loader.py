@@ -62,7 +62,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .crops import Window, body_points, flip_rot90, intensity_jitter, pad_to, sample_origins
+from .crops import Window, body_points, flip_rot90, intensity_jitter, pad_to, partition_origins, sample_origins
 from .format import CorruptSample, decode_sample
 from .slots import STATE_VERSION, _ErrorLog, _TrainVolumes, check_state, merge_error_counts  # noqa: F401 (re-exported)
 from .verify import iter_tar, load_index
@@ -93,6 +93,11 @@ class StreamConfig:
     samples_per_epoch: int | None = None  # volumes per epoch over all ranks; default: all of them
     prefetch_factor: int = 2
     timeout: float = 600.0  # seconds to wait for one batch from a DataLoader worker before raising
+    # S > 0: cut each volume into S equal slabs along its cranio-caudal axis (Z of the stored RAS grid, inferior
+    # first) and centre crop j of the volume in slab j (crops_per_volume = S; the in-plane centre as usual); every
+    # crop carries its ``partition`` j. With pool_size 1 a volume's S crops arrive one after another, so a batch
+    # of m·S crops is m whole volumes × S partitions (global + local contrastive's G^D batches).
+    partitions: int = 0
 
     def __post_init__(self):
         if isinstance(self.window, dict):
@@ -119,6 +124,9 @@ class StreamConfig:
                              f"{self.intensity_scale}, intensity_shift={self.intensity_shift} at least 0")
         if not self.timeout > 0:
             raise ValueError(f"timeout={self.timeout} must be a positive number of seconds")
+        if self.partitions < 0 or (self.partitions and self.crops_per_volume != self.partitions):
+            raise ValueError(f"partitions={self.partitions} needs crops_per_volume={self.partitions or 'S'} (one crop "
+                             f"per partition), got crops_per_volume={self.crops_per_volume}")
 
 
 def _rank_world(rank, world_size) -> tuple[int, int]:
@@ -288,9 +296,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         if saved is not None:
             rng.bit_generator.state = saved["rng"]
         if cfg.crop_size is None:
-            entry.update(image=image, label=label, pad=np.zeros(3, np.int64), origins=np.zeros((1, 3), np.int64))
+            entry.update(image=image, label=label, pad=np.zeros(3, np.int64), origins=np.zeros((1, 3), np.int64),
+                         shape=tuple(int(s) for s in image.shape[1:]))
             return entry
         bg = meta.get("background", 0)
+        stored = tuple(int(s) for s in image.shape[1:])  # the stored volume's spatial shape, before padding
         image, pad = pad_to(image, cfg.crop_size, bg)
         if label is not None:
             label, _ = pad_to(label, cfg.crop_size, 0)
@@ -301,7 +311,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             fg, bg = body_points(image, lo)
             origins = sample_origins(image.shape[1:], cfg.crop_size, fg, cfg.pos_fraction, cfg.crops_per_volume, rng,
                                      bg=bg if cfg.negatives == "background" else None)
-        entry.update(image=image, label=label, pad=pad, origins=origins)
+            if cfg.partitions:
+                origins[:, 2] = partition_origins(stored[2], cfg.crop_size[2], cfg.partitions, int(pad[2]),
+                                                  image.shape[3], rng)
+        entry.update(image=image, label=label, pad=pad, origins=origins, shape=stored)
         return entry
 
     def _crop(self, entry: dict, j: int) -> dict:
@@ -328,7 +341,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             "flip": torch.from_numpy(flips.copy()),
             "rot90": k,
             "intensity": torch.tensor(jitter, dtype=torch.float32),  # image = windowed * factor + offset
+            "shape": torch.tensor(entry["shape"], dtype=torch.int64),  # the stored volume's X, Y, Z
         }
+        if cfg.partitions:
+            out["partition"] = j
         if lab is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(lab))
         return out
@@ -423,13 +439,17 @@ def _collate(samples: list[dict]) -> dict:
     batch["flip"] = stack([s["flip"] for s in real])
     batch["rot90"] = torch.tensor([s["rot90"] for s in real])
     batch["intensity"] = stack([s["intensity"] for s in real])
+    batch["shape"] = stack([s["shape"] for s in real])
+    if all("partition" in s for s in real):
+        batch["partition"] = torch.tensor([s["partition"] for s in real])
     return batch
 
 
 class ShardLoader:
     """Iterable over batches (dicts with ``image`` ``[B, C, X, Y, Z]`` float32, ``label`` ``[B, 1, X, Y, Z]``
     uint8 when present, ``key``, ``origin``, ``flip``, ``rot90``, ``intensity`` ``[B, 2]`` = jitter factor and
-    offset), with a resume state and error counts."""
+    offset, ``shape`` ``[B, 3]`` the stored volume's size, ``partition`` ``[B]`` with ``partitions``), with a resume
+    state and error counts."""
 
     def __init__(self, dataset: ShardStream):
         self.dataset = dataset

@@ -89,7 +89,7 @@ def test_warmup_then_cosine():
     ("model.kwargs={embed_dim: 100, num_heads: 4}", "divisible by 6"),
     ("model.kwargs={num_heads: 5}", "num_heads"),
     ("train.global_batch=7", "global_batch"),
-    ("optim.schedule=linear", "choose cosine or step"),
+    ("optim.schedule=linear", "choose cosine, step or constant"),
     (("optim.weight_decay=0", "optim.weight_decay_end=0.2"), "groups at 0 stay at 0"),  # would silently never decay
 ])
 def test_cli_refuses_bad_settings_before_starting(built, tmp_path, capsys, override, words):

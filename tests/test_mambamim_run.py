@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-STEPS = 30
+STEPS = 40
 
 
 @pytest.fixture(scope="module")

@@ -230,13 +230,26 @@ class UNetDecoder3D(nn.Module):
         """The modules whose outputs are the decoder's levels, coarse to fine (``--dry-run`` summaries)."""
         return [(f"levels.{i}.blocks", lv.blocks) for i, lv in reversed(list(enumerate(self.levels)))] + [("head", self.head)]
 
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+    def forward_levels(self, feats: Sequence[Tensor], depth: int | None = None) -> list[Tensor]:
+        """The deepest feature and the output of each level block, finest first; ``depth`` runs only the first
+        ``depth`` blocks from the bottleneck (a recipe that pretrains part of the decoder)."""
         _check_feats(feats, self.feature_channels)
         y = feats[-1]  # [B, c_L, …] deepest
-        for i in reversed(range(len(self.levels))):
+        out = [y]
+        for i in list(reversed(range(len(self.levels))))[:depth]:
             skip = feats[i]  # [B, c_i, X_i, Y_i, Z_i]
             up = F.interpolate(self.levels[i].up(y), size=skip.shape[2:], mode="trilinear", align_corners=True)
             y = self.levels[i].blocks(torch.cat([skip, up], dim=1))  # [B, 2·c_i, …] → [B, c_i, X_i, Y_i, Z_i]
+            out.append(y)
+        return out[::-1]
+
+    def level_prefixes(self, depth: int) -> list[str]:
+        """Parameter-name prefixes of the first ``depth`` blocks from the bottleneck."""
+        n = len(self.levels)
+        return [f"levels.{i}." for i in range(n - 1, n - 1 - depth, -1)]
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        y = self.forward_levels(feats)[0]
         return self.head(F.leaky_relu(self.norm(y), NEG_SLOPE))  # [B, K, X_0, Y_0, Z_0]
 
 
@@ -294,17 +307,23 @@ class FMUNetDecoder3D(nn.Module):
     def from_config(cls, config: dict) -> FMUNetDecoder3D:
         return cls(**config)
 
-    def forward_levels(self, feats: Sequence[Tensor]) -> list[Tensor]:
-        """The decoder's output at every level, finest first: ``[B, c_i, X_i, Y_i, Z_i]`` (FMUNet's ``x_i_de``)."""
+    def forward_levels(self, feats: Sequence[Tensor], depth: int | None = None) -> list[Tensor]:
+        """The decoder's output at every level, finest first: ``[B, c_i, X_i, Y_i, Z_i]`` (FMUNet's ``x_i_de``);
+        ``depth`` runs only the bottleneck and the first ``depth`` blocks from it."""
         _check_feats(feats, self.feature_channels)
         y = self.bottleneck(feats[-1])  # [B, c_L, …] deepest
         out = [y]
-        for i in reversed(range(len(self.levels))):
+        for i in list(reversed(range(len(self.levels))))[:depth]:
             skip, level = feats[i], self.levels[i]  # [B, c_i, X_i, Y_i, Z_i]
             up = F.interpolate(level.up(y), size=skip.shape[2:], mode="trilinear", align_corners=True)
             y = level.blocks(level.fuse(torch.cat([skip, up], dim=1)))  # [B, 2·c_i, …] → [B, c_i, X_i, Y_i, Z_i]
             out.append(y)
         return out[::-1]
+
+    def level_prefixes(self, depth: int) -> list[str]:
+        """Parameter-name prefixes of the bottleneck and the first ``depth`` blocks from it."""
+        n = len(self.levels)
+        return ["bottleneck."] + [f"levels.{i}." for i in range(n - 1, n - 1 - depth, -1)]
 
     def summary_levels(self) -> list[tuple[str, nn.Module]]:
         """The modules whose outputs are the decoder's levels, coarse to fine (``--dry-run`` summaries)."""
