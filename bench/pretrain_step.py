@@ -5,9 +5,12 @@ Usage:
   python bench/pretrain_step.py --models vit3d_base_p16 --crop 96 --batch 32 --precision bf16 \
       --peak-tflops 989                                           # one H100 (SXM, dense bf16)
   python bench/pretrain_step.py --models vit3d_large_p12 hymamba3d --crop 96 --batch 2   # hi_end_mae vs mambamim
+  python bench/pretrain_step.py --models resenc3d resenc3d --recipes contrastive:global contrastive:local \
+      --crop 96 --batch 12                                        # the contrastive stages
 
 Times forward + backward + AdamW step of a recipe's task (``hi_end_mae`` for ``vit3d_*``, ``mambamim`` for
-``hymamba3d*``, ``volume_fusion`` for ``resenc3d*``, each with its paper's defaults; ``--recipes`` to choose)
+``hymamba3d*``, ``volume_fusion`` for ``resenc3d*``, each with its paper's defaults; ``--recipes`` to choose,
+``contrastive:global`` / ``contrastive:local`` for one stage of the contrastive recipe)
 on random crops — the data path is measured separately by bench/loader.py. FLOPs are counted once with
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions of forward and backward); MFU =
 counted FLOPs per second / peak FLOPs. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the
@@ -63,12 +66,17 @@ def bench(model_name: str, crop: int, batch: int, precision: str, steps: int, wa
     from medssl.pretrain.config import task_class
 
     recipe = recipe or recipe_for(model_name)
+    name, _, stage = recipe.partition(":")  # contrastive:global, contrastive:local — one stage's step
     backbone = build_backbone(model_name, img_size=(crop,) * 3)
-    cls = task_class(recipe)
+    cls = task_class(name)
     cfg = cls.config_class()
     if hasattr(cfg, "patch_size"):  # volume_fusion: the network input is the crop here
         cfg.patch_size = [crop] * 3
+    if stage:
+        cfg.stage = stage
     task = cls(backbone, cfg).to(device)
+    if hasattr(task, "begin_step"):
+        task.begin_step(0, 1)  # a staged task's stage for this step (contrastive: the one asked for)
     opt = torch.optim.AdamW(task.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
     x = torch.rand(batch, 1, crop, crop, crop, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
