@@ -3,10 +3,11 @@
 An export is what fine-tuning and other users read — no pickles, fp32, keys relative to the backbone,
 and a manifest that says how to rebuild the network and how its inputs were prepared. ZeRO
 checkpoints are consolidated in-process with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
-(the model-states file holds bf16 weights under bf16 and empty tensors under ZeRO-3). Two cases it does
-not cover are read from the model-states file (``torch.load(weights_only=True)``): a stage-0 run without
-a partitioned optimizer, whose file holds the whole fp32 module, and parameters a recipe froze (ZeRO
-stages 0-1 do not list them for the consolidation; being frozen, the module holds their exact values).
+(the model-states file holds bf16 weights under bf16 and empty tensors under ZeRO-3). The cases it does
+not cover are read from the model-states file (``torch.load(weights_only=True)``): a stage-0 run, whose file
+holds the fp32 module, or under bf16/fp16 the fp32 masters in its optimizer state (named through the task's
+parameter groups), and parameters a recipe froze (ZeRO stages 0-1 do not list them for the consolidation;
+being frozen, the module holds the values the run used).
 """
 
 from __future__ import annotations
@@ -105,10 +106,40 @@ def preprocessing_from(cfg) -> dict:
     }
 
 
-def consolidate(ckpt_dir: Path, tag: str, zero_to_fp32) -> dict[str, torch.Tensor]:
+def _stage0_masters(opt: dict, groups: list[list[str]] | None, module: dict, where: Path) -> dict[str, torch.Tensor]:
+    """The fp32 masters a stage-0 bf16/fp16 run keeps in its model-states file (DeepSpeed's FP16/BF16 optimizers:
+    ``fp32_groups`` per-parameter, or ``fp32_groups_flat`` one flat tensor per group), named through the order of
+    the task's parameter groups."""
+    masters = opt.get("fp32_groups") or opt.get("fp32_groups_flat") or opt.get("single_partition_of_fp32_groups")
+    if not masters or groups is None or len(masters) != len(groups):
+        raise ExportError(f"{where}: a stage-0 half-precision checkpoint whose fp32 weights cannot be matched to the "
+                          f"parameters ({len(masters or [])} optimizer groups, {len(groups or [])} expected); export "
+                          "refused rather than written from the half-precision copy. Resume the run with "
+                          "train.zero_stage=1 for one step to write a checkpoint that exports")
+    out = {}
+    for names, master in zip(groups, masters):
+        tensors = list(master) if isinstance(master, (list, tuple)) else None
+        if tensors is None:  # one flat tensor, parameters in group order, alignment padding at the end
+            flat, tensors, at = master.reshape(-1), [], 0
+            for n in names:
+                k = module[n].numel()
+                tensors.append(flat[at:at + k])
+                at += k
+        if len(tensors) != len(names):
+            raise ExportError(f"{where}: {len(tensors)} fp32 tensors for {len(names)} parameters in one group")
+        for n, t in zip(names, tensors):
+            if t.numel() != module[n].numel():
+                raise ExportError(f"{where}: the fp32 master of {n} has {t.numel()} values, the parameter "
+                                  f"{module[n].numel()}")
+            out[n] = t.detach().float().reshape(module[n].shape).clone()
+    return out
+
+
+def consolidate(ckpt_dir: Path, tag: str, zero_to_fp32, groups: list[list[str]] | None = None) -> dict[str, torch.Tensor]:
     """The fp32 state dict of checkpoint ``ckpt_dir/tag``: ZeRO's master weights where an optimizer holds them,
-    the model-states file's module for the rest (frozen parameters; everything at stage 0 with a plain
-    optimizer, where the module itself is the fp32 master)."""
+    the model-states file's module for the rest (frozen parameters; everything at stage 0 with a plain fp32
+    optimizer, where the module itself is the fp32 master). A stage-0 bf16/fp16 run keeps its fp32 masters in
+    the model-states file's optimizer state; ``groups`` (parameter names per optimizer group, in order) names them."""
     from .engine import quiet
 
     tag_dir = ckpt_dir / tag
@@ -117,13 +148,16 @@ def consolidate(ckpt_dir: Path, tag: str, zero_to_fp32) -> dict[str, torch.Tenso
         raise ExportError(f"{tag_dir}: no mp_rank_*_model_states.pt; the checkpoint is incomplete or not DeepSpeed's "
                           f"(write a new one by resuming the run)")
     try:
-        module = torch.load(model_files[0], map_location="cpu", weights_only=True)["module"]
+        states = torch.load(model_files[0], map_location="cpu", weights_only=True)
+        module = states["module"]
     except Exception as exc:  # noqa: BLE001 - unreadable or not a DeepSpeed model-states file
         raise ExportError(f"{model_files[0]}: cannot be read as a DeepSpeed model-states file ({_one_line(exc)})") from exc
     state: dict[str, torch.Tensor] = {}
-    if any(tag_dir.glob("*_optim_states.pt")):  # ZeRO 1-3, or bf16 at stage 0: fp32 masters in the optimizer
+    if any(tag_dir.glob("*_optim_states.pt")):  # ZeRO 1-3: fp32 masters in the partitioned optimizer files
         with quiet():  # DeepSpeed prints its parsing steps and a progress bar
             state = dict(zero_to_fp32(str(ckpt_dir), tag=tag))
+    elif any(v.is_floating_point() and v.dtype != torch.float32 for v in module.values()):  # stage 0, bf16/fp16
+        state = _stage0_masters(states.get("optimizer") or {}, groups, module, model_files[0])
     for key, value in module.items():  # frozen parameters (all of them at stage 0 with a plain optimizer)
         if key not in state:
             state[key] = value.float() if value.is_floating_point() else value
@@ -160,16 +194,18 @@ def export_run(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     quiet_libraries()
     with quiet():  # DeepSpeed prints its accelerator, its parsing steps and a progress bar
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    state = consolidate(ckpt_dir, tag, get_fp32_state_dict_from_zero_checkpoint)
-    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not backbone_state:
-        raise ExportError(f"checkpoint {ckpt_dir / tag} holds no 'backbone.' keys; is it a medssl run?")
-    complete = json.loads((ckpt_dir / tag / "complete.json").read_text())
     from .config import task_class
 
     with torch.device("meta"):
         backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
         task = task_class(cfg.recipe)(backbone, cfg.task)
+    names = {id(p): n for n, p in task.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in task.param_groups(cfg.optim.weight_decay)]
+    state = consolidate(ckpt_dir, tag, get_fp32_state_dict_from_zero_checkpoint, groups)
+    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone_state:
+        raise ExportError(f"checkpoint {ckpt_dir / tag} holds no 'backbone.' keys; is it a medssl run?")
+    complete = json.loads((ckpt_dir / tag / "complete.json").read_text())
     dest = Path(out or run_dir / "export")
     components = {}
     for name, module in (task.export_components() if hasattr(task, "export_components") else {}).items():

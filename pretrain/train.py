@@ -67,6 +67,23 @@ def check_optim(cfg) -> None:
                           "optim.weight_decay=0.04")
 
 
+def set_lr(optimizer, lr: float, wd: float | None, scales: dict, before: dict) -> None:
+    """This step's lr (× the task's scale for the group's name) and weight decay on every parameter group. A group
+    whose scale comes back from 0 starts with fresh optimizer state: while it sat at lr 0, DeepSpeed handed it zero
+    gradients and Adam's step count ran on, which would skip the bias correction of its first steps (a stage starts
+    as with a new optimizer, as the official code's second stage does)."""
+    base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO / bf16 wrappers hold the torch optimizer
+    for group in optimizer.param_groups:
+        name = group.get("name")
+        scale = scales.get(name, 1.0)
+        if scale > 0 and before.get(name, 1.0) == 0:
+            for p in group["params"]:
+                base.state.pop(p, None)
+        group["lr"] = lr * scale
+        if wd is not None and group.setdefault("decays", group["weight_decay"] > 0):  # no-decay groups stay at 0
+            group["weight_decay"] = wd
+
+
 def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     """A torch optimizer (DeepSpeed's fused ones need a JIT build on CPU): AdamW, or Adam with L2 decay."""
     check_optim(cfg)
@@ -288,14 +305,13 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
     step, saved_at, stopped = start, start, False
     batch = None
     shown: dict = {}
+    # contract 3's optional hook: a task with stages says which parameter groups train at each step
+    staged = hasattr(eng.module, "begin_step")
+    scales = eng.module.begin_step(start - 1, t.steps) if staged and start > 0 else {}  # the step before this one
     while step < t.steps:
         lr, wd = lr_at(step, cfg), wd_at(step, cfg)
-        # contract 3's optional hook: a task with stages says which parameter groups train at this step
-        scales = eng.module.begin_step(step, t.steps) if hasattr(eng.module, "begin_step") else {}
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scales.get(group.get("name"), 1.0)
-            if wd is not None and group.setdefault("decays", group["weight_decay"] > 0):  # no-decay groups stay at 0
-                group["weight_decay"] = wd
+        scales, before = (eng.module.begin_step(step, t.steps) if staged else {}), scales
+        set_lr(optimizer, lr, wd, scales, before)
         scalars: dict[str, float] = {}
         for _ in range(t.grad_accum):
             watch.note(step + 1, "waiting for data")

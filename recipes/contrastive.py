@@ -121,6 +121,13 @@ def global_loss(z: Tensor, crop: Tensor, part: Tensor, strategy: str, temperatur
     ``part`` [R]: crop ids unique within the rank, partitions. Returns this rank's share of the mean over all
     ranks' terms, scaled by the world size, so that the ranks' average — what DeepSpeed's gradient averaging
     optimises — is the mean over every term of the gathered batch."""
+    from medssl.pretrain.backbones.mamba import fp32_region
+
+    with fp32_region(z.device):  # similarities and logsumexp in fp32 also under bf16 autocast
+        return _global_loss(z, crop, part, strategy, temperature)
+
+
+def _global_loss(z: Tensor, crop: Tensor, part: Tensor, strategy: str, temperature: float) -> Tensor:
     from medssl.pretrain import engine
 
     world, rank = engine.world_size(), engine.rank()
@@ -164,6 +171,13 @@ def gather_regions(fmap: Tensor, starts: Tensor, region: int) -> Tensor:
 def local_loss(r1: Tensor, r2: Tensor, temperature: float) -> Tensor:
     """Mean over crops, regions and both directions of the local term: ``r1``, ``r2`` [B, N, D] region vectors of
     the two views; positive = the same region in the other view, negatives = every other region of both views."""
+    from medssl.pretrain.backbones.mamba import fp32_region
+
+    with fp32_region(r1.device):  # similarities and logsumexp in fp32 also under bf16 autocast
+        return _local_loss(r1, r2, temperature)
+
+
+def _local_loss(r1: Tensor, r2: Tensor, temperature: float) -> Tensor:
     B, N, _ = r1.shape
     v = torch.cat([r1, r2], 1)  # [B, 2N, D]: view 1's regions, then view 2's
     v = F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=2)
@@ -238,9 +252,10 @@ class Contrastive(nn.Module):
                                          nn.Linear(cfg.proj_hidden, cfg.proj_dim, bias=False))
         local_level = levels - cfg.decoder_blocks  # feature index (stride 2^level) of block L's output
         self.local_side = tuple(s // strides[local_level] for s in size)
-        if min(self.local_side) < cfg.region + 1:
+        if min(self.local_side) < cfg.region + 5:  # g = side − region − 1 ≥ 4 keeps the 35 windows distinct
             raise ConfigError(f"task.decoder_blocks={cfg.decoder_blocks} ends at a {self.local_side} map, too small for "
-                              f"{cfg.region}³ regions: use a larger crop or more decoder blocks")
+                              f"35 distinct {cfg.region}³ regions (each side needs {cfg.region + 5}): use a larger crop, "
+                              "more decoder blocks or a smaller task.region")
         self.local_head = LocalHead(chans[local_level], cfg.region, cfg.local_dim)
         self.register_buffer("regions", region_grid(self.local_side, cfg.region), persistent=False)
         self.decoder_used = tuple(self.decoder.level_prefixes(cfg.decoder_blocks))
@@ -252,6 +267,9 @@ class Contrastive(nn.Module):
     def check_config(cls, cfg) -> None:
         """What the run's data and batch must be for this task (called before anything starts)."""
         t, d = cfg.task, cfg.data
+        if d.partitions and d.crops_per_volume != d.partitions:
+            raise ConfigError(f"data.partitions={d.partitions} needs data.crops_per_volume={d.partitions} (one crop per "
+                              f"partition), got {d.crops_per_volume}; or data.partitions=0 for strategy random")
         if t.strategy in ("domain", "domain_minus") and t.stage != "local":
             fix = (f"set data.partitions={t.partitions} data.crops_per_volume={t.partitions} data.pool_size=1 (the "
                    f"recipe's defaults)")

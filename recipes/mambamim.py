@@ -91,7 +91,8 @@ def toki(feat: Tensor, active: Tensor, A: Tensor) -> Tensor:
     v = torch.where(last[..., None], y, v)
     w = torch.zeros_like(v)
     u = v
-    for m in range(int(e.max()) + 1):  # A^m V for the positions whose exponent is m (a loop over powers only)
+    top = L - 1 if feat.device.type == "meta" else int(e.max())  # meta (--dry-run): the bound, not the value
+    for m in range(top + 1):  # A^m V for the positions whose exponent is m (a loop over powers only)
         w = torch.where((e == m)[..., None], u, w)
         u = u @ A.t()
     # cumulative sum inside each gap (the last position stands alone)

@@ -487,7 +487,8 @@ class ShardLoader:
         c = self.cfg
         return {"shards": [[Path(p).name, n] for p, n in self.dataset.shards], "crop_size": list(c.crop_size or []),
                 "crops_per_volume": c.crops_per_volume, "pool_size": c.pool_size, "shuffle_buffer": c.shuffle_buffer,
-                "samples_per_epoch": c.samples_per_epoch, "batch_size": c.batch_size}
+                "samples_per_epoch": c.samples_per_epoch, "batch_size": c.batch_size,
+                **({"partitions": c.partitions} if c.partitions else {})}  # absent when off: older states still fit
 
     def state_dict(self) -> dict:
         """A JSON-able state: every worker's full state after the last batch delivered, and how many batches

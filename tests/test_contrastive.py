@@ -213,3 +213,24 @@ def test_stages_train_their_own_parts():
                                                                  "global_head", "local_head"]
     with pytest.raises(ConfigError, match="task.stage"):
         build_task(load_config("contrastive", ["task.stage=joint"], preset="tiny"))
+
+
+def test_a_group_back_from_lr_0_starts_with_fresh_adam_state():
+    """While a stage's groups sit at lr 0 DeepSpeed hands them zero gradients and Adam counts steps; when the stage
+    starts they begin with a fresh state, so their first update is lr-sized (Adam's bias correction intact)."""
+    from medssl.pretrain.train import set_lr
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([{"params": [a], "name": "first"}, {"params": [b], "name": "second"}], lr=0.1,
+                            weight_decay=0.0)
+    before = {}
+    for step in range(6):
+        scales = {"first": 1.0, "second": 0.0} if step < 5 else {"first": 0.0, "second": 1.0}
+        set_lr(opt, 0.1, None, scales, before)
+        before = scales
+        a.grad = torch.ones(3) if step < 5 else torch.zeros(3)
+        b.grad = torch.zeros(3) if step < 5 else torch.ones(3)
+        opt.step()
+    assert float(opt.state[b]["step"]) == 1  # not 6: its state was reset when its stage began
+    assert torch.allclose(b.detach(), torch.full((3,), -0.1), atol=1e-6)  # a full lr step, as with a new optimizer
+    assert float(opt.state[a]["step"]) == 6  # a group going to lr 0 keeps its state

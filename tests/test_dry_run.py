@@ -85,3 +85,16 @@ def test_finetune_dry_run_loads_the_export(tmp_path, capsys, phantoms):
     assert levels["decoder.ups.0"] == [1, 12, 32, 32, 32] and levels["decoder.head"] == [1, k, 32, 32, 32]
     assert "dry run: nothing trained" in text and "cls token dropped" in text
     torch.manual_seed(0)  # the module's network is gone to the meta device; nothing else depends on it
+
+
+def test_pretrain_dry_run_mambamim_and_contrastive(tmp_path, capsys):
+    """The masked hybrid (its scan and per-sample token order on the meta device) and the contrastive task trace."""
+    from medssl.pretrain.__main__ import main
+
+    for recipe in ("mambamim", "contrastive"):
+        out = tmp_path / recipe
+        assert main([recipe, "--preset", "tiny", "--dry-run", "--out", str(out)]) == 0, recipe
+        s = json.loads((out / SUMMARY_FILE).read_text())
+        assert s["total"] == sum(_rows(s).values()) > 0
+    levels = {lv["level"]: lv["shape"] for lv in s["levels"]}
+    assert levels["global_head"] == [1, 128]  # contrastive: g1's 128-d embedding of one crop

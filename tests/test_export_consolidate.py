@@ -1,6 +1,7 @@
 """Consolidating a DeepSpeed checkpoint into the fp32 state an export writes (pretrain/export.py ``consolidate``):
 ZeRO stage 1 with a frozen parameter (DeepSpeed's own consolidation leaves it out at stages 0-1) and stage 0 with
-a plain optimizer (whose checkpoint DeepSpeed's consolidation cannot read at all). One world-1 process on CPU
+a plain optimizer (whose checkpoint DeepSpeed's consolidation cannot read at all), in fp32 and in bf16 (the fp32
+masters then sit in the model-states file's optimizer state). One world-1 process on CPU
 trains a toy module one step at each stage, saves, and compares the consolidated tensors with the live module."""
 
 from __future__ import annotations
@@ -23,29 +24,37 @@ SCRIPT = textwrap.dedent('''
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as zero_to_fp32
 
     out = Path(sys.argv[1])
-    for stage in (0, 1):
+    for stage, bf16 in ((0, False), (1, False), (0, True)):
         torch.manual_seed(stage)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
         model[2].requires_grad_(False)  # a frozen layer, as mambamim freezes its never-read 96-cube skip
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.5)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([p for _, p in trainable], lr=0.1, weight_decay=0.5)
         cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-               "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+               "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "bf16": {"enabled": bf16}}
         with engine.quiet():
             eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
             before = {k: v.clone() for k, v in model.state_dict().items()}
-            loss = eng(torch.randn(4, 6)).square().mean()
+            x = torch.randn(4, 6)
+            loss = eng(x.bfloat16() if bf16 else x).float().square().mean()
             eng.backward(loss)
             eng.step()
-            eng.save_checkpoint(str(out / f"stage{stage}"), tag="t")
-        state = consolidate(out / f"stage{stage}", "t", zero_to_fp32)
+            run = out / f"stage{stage}{'bf16' if bf16 else ''}"
+            eng.save_checkpoint(str(run), tag="t")
+        state = consolidate(run, "t", zero_to_fp32, [[n for n, _ in trainable]])
         live = eng.module.state_dict()
         assert sorted(state) == sorted(live), (stage, sorted(state), sorted(live))
-        for k, v in live.items():
-            assert torch.equal(state[k], v), (stage, k)
-        assert torch.equal(state["2.weight"], before["2.weight"]), stage  # frozen: its initial values
-        assert not torch.equal(state["0.weight"], before["0.weight"]), stage  # trained
+        assert torch.equal(state["2.weight"], before["2.weight"].float()), stage  # frozen: its initial values
+        assert not torch.equal(state["0.weight"], before["0.weight"].float()), stage  # trained
         assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
-        print(f"stage {stage}: {len(state)} tensors, frozen layer kept", flush=True)
+        if bf16:  # the fp32 masters, not the bf16 module cast back: they round to the module's values
+            for k, v in live.items():
+                assert torch.equal(state[k].to(v.dtype), v), k
+            assert not torch.equal(state["0.weight"], live["0.weight"].float()), "exported the bf16 copy"
+        else:
+            for k, v in live.items():
+                assert torch.equal(state[k], v), (stage, k)
+        print(f"stage {stage}{' bf16' if bf16 else ''}: {len(state)} tensors, frozen layer kept", flush=True)
 ''')
 
 
@@ -56,5 +65,6 @@ def test_stage_0_and_frozen_parameters_are_consolidated(tmp_path):
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "stage 0: 9 tensors, frozen layer kept" in r.stdout
-    assert "stage 1: 9 tensors, frozen layer kept" in r.stdout
+    assert "stage 0: 6 tensors, frozen layer kept" in r.stdout
+    assert "stage 1: 6 tensors, frozen layer kept" in r.stdout
+    assert "stage 0 bf16: 6 tensors, frozen layer kept" in r.stdout

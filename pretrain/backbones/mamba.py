@@ -29,6 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def fp32_region(device: torch.device):
+    """Autocast off on ``device`` (the caller computes in fp32 at least); a no-op on the meta device, where
+    ``--dry-run`` traces shapes and autocast does not exist."""
+    import contextlib
+
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 def _scan_time_first(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """h_t = a_t ⊙ h_{t−1} + x_t with h_{−1} = 0, along dim 0 of [L, ...] tensors, by odd–even reduction."""
     L = x.shape[0]
@@ -91,7 +99,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     in u's dtype, computed in float32 at least (as mamba_ssm's kernel does, also under bf16 autocast)."""
     dtype = u.dtype
     work = torch.promote_types(dtype, torch.float32)
-    with torch.autocast(u.device.type, enabled=False):
+    with fp32_region(u.device):
         u, delta, A, B, C = (t.to(work) for t in (u, delta, A, B, C))
         if delta_bias is not None:
             delta = delta + delta_bias.to(work)[None, :, None]
