@@ -296,7 +296,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         import torch.distributed as dist
 
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # reduced in place: never alias autograd's buffer
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 

@@ -59,8 +59,9 @@ STAGES = ("global", "local", "both")
 
 @dataclass
 class ContrastiveConfig:
-    stage: str = "both"  # global | local | both (global for global_fraction of train.steps, then local)
-    global_fraction: float = 0.5  # the paper: 10 000 iterations per stage
+    stage: str = "both"  # global | local | both (global for the first global_steps steps, then local)
+    global_steps: int = 10001  # stage both: steps of the global stage (the paper: 10 001 per stage); a step
+    #                            count, not a fraction, so that extending train.steps on resume lengthens the local stage
     strategy: str = "domain"  # random (G^R) | domain_minus (G^{D-}) | domain (G^D, the paper's best)
     partitions: int = 4  # S along the cranio-caudal axis (paper: 4); data.partitions must match
     temperature: float = 0.1  # τ of both losses
@@ -82,9 +83,9 @@ class ContrastiveConfig:
             raise ConfigError(f"task.stage={self.stage!r}: choose one of {', '.join(STAGES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"task.strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        if not 0.0 < self.global_fraction < 1.0:
-            raise ConfigError(f"task.global_fraction={self.global_fraction}: a fraction in (0, 1) of train.steps for "
-                              "the global stage of stage=both, e.g. 0.5 (the paper's 10 000 + 10 000)")
+        if self.global_steps < 1:
+            raise ConfigError(f"task.global_steps={self.global_steps}: the global stage's steps under stage=both, "
+                              "e.g. 10001 (the paper's)")
         if self.partitions < 1 or self.temperature <= 0:
             raise ConfigError(f"task.partitions={self.partitions} must be >= 1 and task.temperature="
                               f"{self.temperature} > 0")
@@ -145,7 +146,7 @@ def _global_loss(z: Tensor, crop: Tensor, part: Tensor, strategy: str, temperatu
     return terms.sum() * world / total
 
 
-def region_starts(side: int, region: int) -> list[int]:
+def region_starts(side: int, region: int) -> tuple[list[int], list[int]]:
     """Start offsets along one axis: the 2D code's lattice {0, g/2, g} with g = side − region − 1 (its side − 4
     for 3×3 regions), and the quarter points {g/4, 3g/4}; offsets at or below side − region."""
     g = max(0, side - region - 1)
@@ -267,6 +268,13 @@ class Contrastive(nn.Module):
     def check_config(cls, cfg) -> None:
         """What the run's data and batch must be for this task (called before anything starts)."""
         t, d = cfg.task, cfg.data
+        if t.stage == "both" and cfg.train.steps <= t.global_steps:
+            raise ConfigError(f"task.stage=both with train.steps={cfg.train.steps} <= task.global_steps={t.global_steps} "
+                              f"leaves no local stage: set train.steps above it (the paper: {t.global_steps} + 10001) or "
+                              "task.stage=global")
+        if t.stage == "local":
+            raise ConfigError("task.stage=local alone would train the decoder against a random frozen encoder: run "
+                              "task.stage=both (global, then local in one run)")
         if d.partitions and d.crops_per_volume != d.partitions:
             raise ConfigError(f"data.partitions={d.partitions} needs data.crops_per_volume={d.partitions} (one crop per "
                               f"partition), got {d.crops_per_volume}; or data.partitions=0 for strategy random")
@@ -292,7 +300,7 @@ class Contrastive(nn.Module):
         train gets lr 0, so it neither moves nor decays (the official local stage leaves the encoder out of its
         optimiser)."""
         c = self.cfg
-        glob = c.stage == "global" or (c.stage == "both" and step < round(c.global_fraction * total))
+        glob = c.stage == "global" or (c.stage == "both" and step < c.global_steps)
         self.stage_now = "global" if glob else "local"
         on, off = (1.0, 0.0) if glob else (0.0, 1.0)
         return {"encoder": on, "global_head": on, "decoder_local": off, "local_head": off, "decoder_rest": 0.0}

@@ -125,7 +125,7 @@ class StreamConfig:
         if not self.timeout > 0:
             raise ValueError(f"timeout={self.timeout} must be a positive number of seconds")
         if self.partitions < 0 or (self.partitions and self.crops_per_volume != self.partitions):
-            raise ValueError(f"partitions={self.partitions} needs crops_per_volume={self.partitions or 'S'} (one crop "
+            raise ValueError(f"partitions={self.partitions} must be 0 (off) or S >= 1 with crops_per_volume=S (one crop "
                              f"per partition), got crops_per_volume={self.crops_per_volume}")
 
 

@@ -181,6 +181,7 @@ def test_stream_puts_crop_j_in_partition_j_and_keeps_volumes_together(built):
     ("train.micro_batch=6", "multiple of task.partitions=4"),
     ("data.partitions=0", "one crop per partition"),
     ("task.strategy=simclr", "choose one of random, domain_minus, domain"),
+    ("train.steps=200", "leaves no local stage"),  # the tiny preset's global stage is 200 steps
 ])
 def test_cli_refuses_a_batch_the_strategy_cannot_use(built, tmp_path, capsys, override, words):
     from medssl.pretrain.__main__ import main
@@ -201,7 +202,7 @@ def test_stages_train_their_own_parts():
     x = torch.rand(8, 1, 32, 32, 32)
     part = torch.arange(8) % 4
     names = {id(p): g["name"] for g in task.param_groups(0.0) for p in g["params"]}
-    for step, stage in ((0, "global"), (cfg.train.steps - 1, "local")):
+    for step, stage in ((cfg.task.global_steps - 1, "global"), (cfg.task.global_steps, "local")):
         scales = task.begin_step(step, cfg.train.steps)
         assert task.stage_now == stage
         task({"image": x, "partition": part})["loss"].backward()
@@ -213,6 +214,11 @@ def test_stages_train_their_own_parts():
                                                                  "global_head", "local_head"]
     with pytest.raises(ConfigError, match="task.stage"):
         build_task(load_config("contrastive", ["task.stage=joint"], preset="tiny"))
+    z = torch.randn(16, 8)
+    crop, part = torch.arange(8).repeat(2), (torch.arange(8) % 4).repeat(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the similarities stay fp32 under autocast
+        auto = global_loss(z, crop, part, "domain", 0.1)
+    assert auto.dtype == torch.float32 and torch.equal(auto, global_loss(z, crop, part, "domain", 0.1))
 
 
 def test_a_group_back_from_lr_0_starts_with_fresh_adam_state():

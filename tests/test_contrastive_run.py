@@ -25,7 +25,7 @@ def run(built, tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medssl.pretrain",
            "contrastive", "--shards", str(built), "--out", str(out), "--preset", "tiny", "--steps", str(STEPS),
            "--no-progress", "train.log_every=1", f"train.checkpoint_every={STEPS}", f"train.picture_every={STEPS}",
-           "data.num_workers=1", "data.crop_size=[32,32,32]", "task.proj_hidden=64"]
+           "data.num_workers=1", "data.crop_size=[32,32,32]", "task.proj_hidden=64", f"task.global_steps={STEPS // 2}"]
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
