@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
+import torch
 from torch import nn
 
 
@@ -17,3 +19,9 @@ def mae_init_(modules: Iterable[nn.Module]) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def fp32_region(device: torch.device):
+    """Autocast off on ``device`` (the caller computes in fp32 at least); a no-op on the meta device, where
+    ``--dry-run`` traces shapes and autocast does not exist."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medssl.pretrain.config import ConfigError
+from medssl.pretrain.layers import fp32_region
 from medssl.pretrain.registry import TASKS
 
 STRATEGIES = ("random", "domain_minus", "domain")
@@ -122,8 +123,6 @@ def global_loss(z: Tensor, crop: Tensor, part: Tensor, strategy: str, temperatur
     ``part`` [R]: crop ids unique within the rank, partitions. Returns this rank's share of the mean over all
     ranks' terms, scaled by the world size, so that the ranks' average — what DeepSpeed's gradient averaging
     optimises — is the mean over every term of the gathered batch."""
-    from medssl.pretrain.backbones.mamba import fp32_region
-
     with fp32_region(z.device):  # similarities and logsumexp in fp32 also under bf16 autocast
         return _global_loss(z, crop, part, strategy, temperature)
 
@@ -172,8 +171,6 @@ def gather_regions(fmap: Tensor, starts: Tensor, region: int) -> Tensor:
 def local_loss(r1: Tensor, r2: Tensor, temperature: float) -> Tensor:
     """Mean over crops, regions and both directions of the local term: ``r1``, ``r2`` [B, N, D] region vectors of
     the two views; positive = the same region in the other view, negatives = every other region of both views."""
-    from medssl.pretrain.backbones.mamba import fp32_region
-
     with fp32_region(r1.device):  # similarities and logsumexp in fp32 also under bf16 autocast
         return _local_loss(r1, r2, temperature)
 

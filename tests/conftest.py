@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +59,21 @@ def naive_trilinear(vol: np.ndarray, spacing, target) -> np.ndarray:
                 w = ((fr[0] if dx else 1 - fr[0]) * (fr[1] if dy else 1 - fr[1]) * (fr[2] if dz else 1 - fr[2]))
                 out += w * vol[idx[0], idx[1], idx[2]]
     return out
+
+
+def run_pretrain_2proc(recipe: str, shards, out, steps: int, *overrides: str, timeout: int = 900):
+    """``recipe``'s tiny preset on 2 DeepSpeed CPU processes under torchrun, logging every step and checkpointing
+    (and drawing) at the last; returns the run folder and its stdout + stderr, or fails with their tails."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medssl.pretrain",
+           recipe, "--shards", str(shards), "--out", str(out), "--preset", "tiny", "--steps", str(steps),
+           "--no-progress", "train.log_every=1", f"train.checkpoint_every={steps}", f"train.picture_every={steps}",
+           "data.num_workers=1", *overrides]
+    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return out, r.stdout + r.stderr

@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from .conftest import run_pretrain_2proc
 
 STEPS = 40  # 20 global + 20 local
 
 
 @pytest.fixture(scope="module")
 def run(built, tmp_path_factory):
-    out = tmp_path_factory.mktemp("contrastive") / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medssl.pretrain",
-           "contrastive", "--shards", str(built), "--out", str(out), "--preset", "tiny", "--steps", str(STEPS),
-           "--no-progress", "train.log_every=1", f"train.checkpoint_every={STEPS}", f"train.picture_every={STEPS}",
-           "data.num_workers=1", "data.crop_size=[32,32,32]", "task.proj_hidden=64", f"task.global_steps={STEPS // 2}"]
-    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return out, r.stdout + r.stderr
+    out, text = run_pretrain_2proc("contrastive", built, tmp_path_factory.mktemp("contrastive") / "run", STEPS,
+                                   "data.crop_size=[32,32,32]", "task.proj_hidden=64",
+                                   f"task.global_steps={STEPS // 2}")
+    return out, text
 
 
 def test_each_stage_trains_its_own_parts(run):

@@ -6,29 +6,19 @@ the official downstream network with every backbone key loaded."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from .conftest import run_pretrain_2proc
 
 STEPS = 40
 
 
 @pytest.fixture(scope="module")
 def run(built, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mim") / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medssl.pretrain",
-           "mambamim", "--shards", str(built), "--out", str(out), "--preset", "tiny", "--steps", str(STEPS),
-           "--no-progress", "train.log_every=1", f"train.checkpoint_every={STEPS}", f"train.picture_every={STEPS}",
-           "data.num_workers=1", "data.crop_size=[32,32,32]", "train.micro_batch=2", "optim.lr=2e-3",
-           "train.zero_stage=0"]
-    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return out, r.stdout + r.stderr
+    out, text = run_pretrain_2proc("mambamim", built, tmp_path_factory.mktemp("mim") / "run", STEPS,
+                                   "data.crop_size=[32,32,32]", "train.micro_batch=2", "optim.lr=2e-3",
+                                   "train.zero_stage=0")
+    return out, text
 
 
 def test_loss_falls_and_ranks_agree(run):

@@ -4,27 +4,17 @@ and decoder (manifest ``components``), and fine-tuning loads both, re-initialisi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from .conftest import run_pretrain_2proc
 
 STEPS = 40
 
 
 @pytest.fixture(scope="module")
 def run(built, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vf") / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medssl.pretrain",
-           "volume_fusion", "--shards", str(built), "--out", str(out), "--preset", "tiny", "--steps", str(STEPS),
-           "--no-progress", "train.log_every=1", "train.checkpoint_every=40", "train.picture_every=40",
-           "data.num_workers=1", "train.micro_batch=2", "optim.lr=3e-3"]
-    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    out, _ = run_pretrain_2proc("volume_fusion", built, tmp_path_factory.mktemp("vf") / "run", STEPS,
+                                   "train.micro_batch=2", "optim.lr=3e-3")
     return out
 
 

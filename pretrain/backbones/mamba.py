@@ -28,13 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def fp32_region(device: torch.device):
-    """Autocast off on ``device`` (the caller computes in fp32 at least); a no-op on the meta device, where
-    ``--dry-run`` traces shapes and autocast does not exist."""
-    import contextlib
-
-    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+from ..layers import fp32_region
 
 
 def _scan_time_first(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
