@@ -224,6 +224,9 @@ def resolve(args) -> tuple:
         task_class(cfg.recipe)(backbone, cfg.task)
     if hasattr(task_class(cfg.recipe), "check_config"):  # what the task needs of the data and the batch
         task_class(cfg.recipe).check_config(cfg)
+    from .train import stream_config
+
+    stream_config(cfg)  # the data.* values the crop stream checks
     world = launcher_world_size()
     check_batch(cfg, world)
     ds_user = read_deepspeed_json(args.deepspeed_config) if args.deepspeed_config else None

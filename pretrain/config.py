@@ -49,6 +49,7 @@ class DataConfig:
     shuffle_buffer: int = 4
     pool_size: int = 4
     partitions: int = 0  # S > 0: crop j of each volume centred in the j-th of S cranio-caudal slabs (contrastive)
+    partition_inplane: str = "body"  # partitioned crops centred in-plane on the body's bounding box | "sampled"
 
 
 @dataclass

@@ -174,19 +174,31 @@ def build_task(cfg: RunConfig):
     return task
 
 
-def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
-    from medssl import shards
+def stream_config(cfg: RunConfig, seed: int = 0):
+    """The crop stream's settings from ``data.*``; its checks raise ``ConfigError`` naming the ``data.`` key (called
+    before the run folder is made, so a bad value leaves nothing behind)."""
     from medssl.shards import StreamConfig, Window
 
+    from .config import ConfigError
+
     d = cfg.data
-    sc = StreamConfig(crop_size=tuple(d.crop_size), crops_per_volume=d.crops_per_volume, batch_size=cfg.train.micro_batch,
-                      num_workers=d.num_workers, mode="train", seed=seed, shuffle_buffer=d.shuffle_buffer,
-                      pool_size=d.pool_size, pos_fraction=d.pos_fraction, negatives=d.negatives,
-                      window=Window(ct=tuple(d.window_ct), out=tuple(d.window_out)),
-                      flip_prob=d.flip_prob, rot90_prob=d.rot90_prob, intensity_prob=d.intensity_prob,
-                      intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift, labels=False,
-                      partitions=d.partitions)
-    return shards.stream(d.shards, sc, rank=env.rank, world_size=env.world_size)
+    try:
+        return StreamConfig(crop_size=tuple(d.crop_size), crops_per_volume=d.crops_per_volume,
+                            batch_size=cfg.train.micro_batch, num_workers=d.num_workers, mode="train", seed=seed,
+                            shuffle_buffer=d.shuffle_buffer, pool_size=d.pool_size, pos_fraction=d.pos_fraction,
+                            negatives=d.negatives, window=Window(ct=tuple(d.window_ct), out=tuple(d.window_out)),
+                            flip_prob=d.flip_prob, rot90_prob=d.rot90_prob, intensity_prob=d.intensity_prob,
+                            intensity_scale=d.intensity_scale, intensity_shift=d.intensity_shift, labels=False,
+                            partitions=d.partitions, partition_inplane=d.partition_inplane)
+    except ValueError as exc:
+        raise ConfigError(f"data.{exc}") from None  # the stream's messages start with the field's name
+
+
+def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
+    from medssl import shards
+
+    sc = stream_config(cfg, seed)
+    return shards.stream(cfg.data.shards, sc, rank=env.rank, world_size=env.world_size)
 
 
 def summary(cfg: RunConfig, env: engine.DistEnv, task, plan, start: int, resumed_from: str | None) -> str:

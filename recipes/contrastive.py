@@ -4,7 +4,7 @@ krishnabits001/domain_specific_cl, 2D TensorFlow 1) on 3D crops, any backbone wi
 Two stages (``task.stage``; ``both`` runs global then local in one run, the local stage starting from the global
 stage's weights):
 
-* **global** — encoder + projection head g1 (pooled deepest feature → 1024, ReLU → 128, no biases), NT-Xent at
+* **global** — encoder + projection head g1 (pooled deepest feature → 1024, BatchNorm, ReLU → 128, no biases), NT-Xent at
   τ = 0.1 over cosine similarities. Every term is −log[e^{s(a,p)} / (e^{s(a,p)} + Σ_n e^{s(a,n)})] with the
   positive added explicitly and the negatives n chosen by the strategy; every positive pair counts in both
   directions. Strategies (``task.strategy``), with S partitions along the volume's cranio-caudal axis:
@@ -33,7 +33,10 @@ so the contrastive batch is world × micro_batch crops; each rank's loss is its 
 and DeepSpeed's gradient average makes the result that of one process holding the whole batch.
 
 Departures, each for a reason at the line: g1 pools the deepest feature (the official flattens a 6×6×128 map; a
-6³×512 one would make a 113 M-parameter layer); G^D counts every same-partition crop as a positive (the
+6³×512 one would make a 113 M-parameter layer) and has a BatchNorm1d after its first dense layer (official: none;
+its encoder's BatchNorm centres each batch, our InstanceNorm encoder does not, and without it the embeddings
+collapse onto a shared offset and the loss stays at chance); partitioned crops are centred in-plane on the body
+(the official samples are whole slices); G^D counts every same-partition crop as a positive (the
 official pairs a crop with one other volume's, leaving the rest out of both sums); losses are means over terms
 (the official divides sums by the number of rows); local negatives are every other region (the official lists
 5 neighbours per region by hand, in 2D).
@@ -68,6 +71,7 @@ class ContrastiveConfig:
     temperature: float = 0.1  # τ of both losses
     global_pool: str = "avg"  # avg | flatten (official: flatten, 2D; see the module docstring)
     proj_hidden: int = 1024  # g1: dense 1024 (ReLU) → 128, no biases
+    proj_norm: str = "batch"  # batch: BatchNorm1d after g1's first dense layer (official: none, see the docstring) | none
     proj_dim: int = 128
     crop_scale: float = 0.52  # the views' random cube, a fraction of each side (official 100 / 192 pixels)
     brightness: float = 0.3  # + U(±0.3)
@@ -90,6 +94,8 @@ class ContrastiveConfig:
         if self.partitions < 1 or self.temperature <= 0:
             raise ConfigError(f"task.partitions={self.partitions} must be >= 1 and task.temperature="
                               f"{self.temperature} > 0")
+        if self.proj_norm not in ("batch", "none"):
+            raise ConfigError(f"task.proj_norm={self.proj_norm!r}: choose batch or none")
         if self.global_pool not in ("avg", "flatten"):
             raise ConfigError(f"task.global_pool={self.global_pool!r}: choose avg or flatten")
         if not 0.0 < self.crop_scale <= 1.0:
@@ -246,7 +252,8 @@ class Contrastive(nn.Module):
         size = tuple(getattr(backbone, "img_size", (96, 96, 96)))
         deep = [s // strides[-1] for s in size]
         head_in = chans[-1] * (math.prod(deep) if cfg.global_pool == "flatten" else 1)
-        self.global_head = nn.Sequential(nn.Linear(head_in, cfg.proj_hidden, bias=False), nn.ReLU(inplace=True),
+        norm = [nn.BatchNorm1d(cfg.proj_hidden)] if cfg.proj_norm == "batch" else []
+        self.global_head = nn.Sequential(nn.Linear(head_in, cfg.proj_hidden, bias=False), *norm, nn.ReLU(inplace=True),
                                          nn.Linear(cfg.proj_hidden, cfg.proj_dim, bias=False))
         local_level = levels - cfg.decoder_blocks  # feature index (stride 2^level) of block L's output
         self.local_side = tuple(s // strides[local_level] for s in size)

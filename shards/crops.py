@@ -83,6 +83,18 @@ def partition_origins(extent: int, crop: int, parts: int, pad: int, padded: int,
     return np.clip(origins, 0, max(0, padded - crop))
 
 
+def body_centre_origins(shape, crop, fg: np.ndarray, n: int, stride: int = 4) -> np.ndarray:
+    """``n`` equal origins ``[n, 3]`` whose crops are centred on the middle of the body's bounding box (of the
+    strided foreground points ``fg``; the volume's middle without any), kept inside the (padded) volume."""
+    if len(fg):
+        centre = (fg.min(0) + fg.max(0) + stride) / 2
+    else:
+        centre = np.asarray(shape, dtype=np.float64) / 2
+    o = np.floor(centre - np.asarray(crop) / 2).astype(np.int64)
+    o = np.clip(o, 0, np.maximum(0, np.asarray(shape) - np.asarray(crop)))
+    return np.repeat(o[None], n, axis=0)
+
+
 def body_points(vol: np.ndarray, threshold, stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates ``[N, 3]`` on a ``stride`` grid of the foreground (above ``threshold``, one value or one
     per channel, in any channel) and of the background (the rest), from one pass over the strided volume."""

@@ -62,7 +62,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .crops import Window, body_points, flip_rot90, intensity_jitter, pad_to, partition_origins, sample_origins
+from .crops import Window, body_centre_origins, body_points, flip_rot90, intensity_jitter, pad_to, partition_origins, sample_origins
 from .format import CorruptSample, decode_sample
 from .slots import STATE_VERSION, _ErrorLog, _TrainVolumes, check_state, merge_error_counts  # noqa: F401 (re-exported)
 from .verify import iter_tar, load_index
@@ -94,10 +94,14 @@ class StreamConfig:
     prefetch_factor: int = 2
     timeout: float = 600.0  # seconds to wait for one batch from a DataLoader worker before raising
     # S > 0: cut each volume into S equal slabs along its cranio-caudal axis (Z of the stored RAS grid, inferior
-    # first) and centre crop j of the volume in slab j (crops_per_volume = S; the in-plane centre as usual); every
-    # crop carries its ``partition`` j. With pool_size 1 a volume's S crops arrive one after another, so a batch
-    # of m·S crops is m whole volumes × S partitions (global + local contrastive's G^D batches).
+    # first) and centre crop j of the volume in slab j (crops_per_volume = S); every crop carries its
+    # ``partition`` j. With pool_size 1 a volume's S crops arrive one after another, so a batch of m·S crops is
+    # m whole volumes × S partitions (global + local contrastive's G^D batches).
     partitions: int = 0
+    # In-plane (X, Y) centre of partitioned crops: "body" = the middle of the body's bounding box, so crops of the
+    # same partition show the same anatomy in every volume (the 3D analogue of the official whole 2D slices; G^D's
+    # positives rely on it); "sampled" = the pos/neg sampler's centre, as without partitions.
+    partition_inplane: str = "body"
 
     def __post_init__(self):
         if isinstance(self.window, dict):
@@ -127,6 +131,9 @@ class StreamConfig:
         if self.partitions < 0 or (self.partitions and self.crops_per_volume != self.partitions):
             raise ValueError(f"partitions={self.partitions} must be 0 (off) or S >= 1 with crops_per_volume=S (one crop "
                              f"per partition), got crops_per_volume={self.crops_per_volume}")
+        if self.partition_inplane not in ("body", "sampled"):
+            raise ValueError(f"partition_inplane={self.partition_inplane!r} must be 'body' (crops centred in-plane on the "
+                             "body's bounding box) or 'sampled' (the pos/neg sampler's centres)")
 
 
 def _rank_world(rank, world_size) -> tuple[int, int]:
@@ -312,6 +319,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             origins = sample_origins(image.shape[1:], cfg.crop_size, fg, cfg.pos_fraction, cfg.crops_per_volume, rng,
                                      bg=bg if cfg.negatives == "background" else None)
             if cfg.partitions:
+                if cfg.partition_inplane == "body":
+                    origins[:, :2] = body_centre_origins(image.shape[1:], cfg.crop_size, fg, len(origins))[:, :2]
                 origins[:, 2] = partition_origins(stored[2], cfg.crop_size[2], cfg.partitions, int(pad[2]),
                                                   image.shape[3], rng)
         entry.update(image=image, label=label, pad=pad, origins=origins, shape=stored)
@@ -488,7 +497,8 @@ class ShardLoader:
         return {"shards": [[Path(p).name, n] for p, n in self.dataset.shards], "crop_size": list(c.crop_size or []),
                 "crops_per_volume": c.crops_per_volume, "pool_size": c.pool_size, "shuffle_buffer": c.shuffle_buffer,
                 "samples_per_epoch": c.samples_per_epoch, "batch_size": c.batch_size,
-                **({"partitions": c.partitions} if c.partitions else {})}  # absent when off: older states still fit
+                **({"partitions": c.partitions, "partition_inplane": c.partition_inplane} if c.partitions else {})}
+        # absent when off: older states still fit
 
     def state_dict(self) -> dict:
         """A JSON-able state: every worker's full state after the last batch delivered, and how many batches

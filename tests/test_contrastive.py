@@ -172,8 +172,30 @@ def test_stream_puts_crop_j_in_partition_j_and_keeps_volumes_together(built):
         slab = torch.div(centre * 4, z, rounding_mode="floor").clamp(0, 3)
         inside = (b["origin"][:, 2] > 0) & (b["origin"][:, 2] + 32 < z)  # not pushed back by the volume's edge
         assert (slab[inside] == b["partition"][inside]).all()
+        # in-plane: a volume's 4 crops share the body's centre (partition_inplane "body"), so every partition j
+        # shows the same part of the body in every volume
+        assert (b["origin"][:4, :2] == b["origin"][0, :2]).all() and (b["origin"][4:, :2] == b["origin"][4, :2]).all()
+    sc.partition_inplane = "sampled"  # the pos/neg sampler's centres: a volume's crops sit anywhere on the body
+    b = next(iter(shards.stream([str(built)], sc, rank=0, world_size=1)))
+    assert not (b["origin"][:4, :2] == b["origin"][0, :2]).all()
     with pytest.raises(ValueError, match="one crop per partition"):
         StreamConfig(crops_per_volume=2, partitions=4)
+
+
+def test_body_centre_origins_centre_the_crop_on_the_body_box():
+    import numpy as np
+
+    from medssl.shards.crops import body_centre_origins, body_points
+
+    vol = np.zeros((1, 80, 64, 40), np.float32)
+    vol[:, 20:60, 8:40, 4:36] = 1.0  # the body: x 20..59, y 8..39
+    fg, _ = body_points(vol, 0.5)
+    o = body_centre_origins(vol.shape[1:], (32, 32, 32), fg, 3)
+    assert o.shape == (3, 3) and (o == o[0]).all()
+    assert o[0].tolist() == [40 - 16, 24 - 16, 20 - 16]  # box centres 40, 24, 20 (the strided box reaches its end)
+    edge = body_centre_origins(vol.shape[1:], (32, 64, 32), fg, 1)[0]
+    assert edge[1] == 0  # kept inside the volume
+    assert body_centre_origins((50, 50, 50), (32, 32, 32), np.zeros((0, 3), np.int64), 1)[0].tolist() == [9, 9, 9]
 
 
 @pytest.mark.parametrize("override,words", [
@@ -182,6 +204,7 @@ def test_stream_puts_crop_j_in_partition_j_and_keeps_volumes_together(built):
     ("data.partitions=0", "one crop per partition"),
     ("task.strategy=simclr", "choose one of random, domain_minus, domain"),
     ("train.steps=200", "leaves no local stage"),  # the tiny preset's global stage is 200 steps
+    ("data.partition_inplane=middle", "data.partition_inplane='middle' must be 'body'"),
 ])
 def test_cli_refuses_a_batch_the_strategy_cannot_use(built, tmp_path, capsys, override, words):
     from medssl.pretrain.__main__ import main

@@ -1,8 +1,7 @@
 """Global + local contrastive on the one loop: a 2-process DeepSpeed CPU run of both stages (tiny preset, G^D with
-negatives gathered over the ranks) trains the encoder in the global stage and the first L decoder blocks in the
-local one, whose loss falls; its export fine-tunes with the encoder and the pretrained decoder blocks loaded.
-(On these phantoms the global loss stays near its chance level, log(1 + negatives), over a CPU-sized run: see the
-contrastive issue's notes.)"""
+negatives gathered over the ranks) trains the encoder in the global stage, whose loss falls below its chance level,
+and the first L decoder blocks in the local one, whose loss falls; its export fine-tunes with the encoder and the
+pretrained decoder blocks loaded."""
 
 from __future__ import annotations
 
@@ -12,20 +11,21 @@ import math
 import pytest
 from .conftest import run_pretrain_2proc
 
-STEPS = 40  # 20 global + 20 local
+GLOBAL, STEPS = 80, 100  # 80 global + 20 local
 
 
 @pytest.fixture(scope="module")
 def run(built, tmp_path_factory):
     out, text = run_pretrain_2proc("contrastive", built, tmp_path_factory.mktemp("contrastive") / "run", STEPS,
                                    "data.crop_size=[32,32,32]", "task.proj_hidden=64",
-                                   f"task.global_steps={STEPS // 2}")
+                                   f"task.global_steps={GLOBAL}")
     return out, text
 
 
 def test_each_stage_trains_its_own_parts(run):
-    """The global stage moves the encoder, the local stage the first L decoder blocks and lowers its loss; the rest
-    of the decoder keeps rank 0's initialisation (rebuilt here from the run's config and seed)."""
+    """The global stage moves the encoder and lowers G^D below chance, the local stage moves the first L decoder
+    blocks and lowers its loss; the rest of the decoder keeps rank 0's initialisation (rebuilt here from the run's
+    config and seed)."""
     import torch
     import yaml
     from safetensors.torch import load_file
@@ -36,12 +36,16 @@ def test_each_stage_trains_its_own_parts(run):
     out, text = run
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
-    half = STEPS // 2
-    assert {r["stage"] for r in m[:half]} == {0.0} and {r["stage"] for r in m[half:]} == {1.0}
-    local = m[half:]
-    first, last = (sum(r["loss"] for r in rs) / len(rs) for rs in (local[:4], local[-4:]))
+    assert {r["stage"] for r in m[:GLOBAL]} == {0.0} and {r["stage"] for r in m[GLOBAL:]} == {1.0}
+    mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
+    # G^D over 2 ranks × 8 crops × 2 views = 32 rows: an anchor's negatives are the 24 rows of other partitions, so
+    # embeddings that tell no partition apart score log(1 + 24) per term (the logged loss is rank 0's share of it)
+    chance = math.log(1 + 24)
+    first, last = mean(m[:5]), mean(m[GLOBAL - 20:GLOBAL])  # the BatchNorm in g1 starts it above chance
+    assert last < first and last < 0.93 * chance, f"global loss {first:.3f} -> {last:.3f}, chance {chance:.3f}"
+    local = m[GLOBAL:]
+    first, last = mean(local[:4]), mean(local[-4:])
     assert last < 0.5 * first, f"local loss did not fall: {first:.4f} -> {last:.4f}"
-    assert all(math.isfinite(r["loss"]) for r in m[:half])
     assert "identical on all 2 ranks" in text
     assert list((out / "pictures").glob("*.png"))
     cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
