@@ -98,6 +98,20 @@ def test_paired_diffs_pair_cases_of_the_same_seed():
     assert ablate.paired_diffs([(a, c)])[0] == [] and ablate.paired_diffs([(a, c)])[1]
 
 
+def test_final_loss_is_the_mean_of_the_last_stage(tmp_path):
+    """A staged recipe (contrastive: global, then local) logs two different losses; the table's final pretext loss
+    averages the last stage's rows only, and a recipe without stages its last 10 rows."""
+    from medssl.pretrain.ablate.runner import final_loss
+
+    rows = [{"step": s, "loss": 3.0, "stage": 0.0} for s in range(1, 16)]
+    rows += [{"step": s, "loss": 0.1, "stage": 1.0} for s in range(16, 21)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert final_loss(tmp_path) == pytest.approx(0.1)
+    plain = [{"step": s, "loss": float(s)} for s in range(1, 21)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in plain) + "\n")
+    assert final_loss(tmp_path) == pytest.approx(sum(range(11, 21)) / 10)
+
+
 def test_a_run_past_its_timeout_is_stopped_and_recorded(tmp_path, monkeypatch):
     (tmp_path / "sleeper.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))

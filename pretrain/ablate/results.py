@@ -185,7 +185,7 @@ def collect(abl: Ablation, out: Path, say=None) -> dict:
         lines += ["## Failed, skipped or missing runs", "", *problems, *[f"- note: {n}" for n in notes], ""]
     pre_rows = [f"| {e['cell']} | {e['recipe']} | {i['status']} | {i['steps'] or '–'} | {_fnum(i['wall_s'], 0) or '–'} "
                 f"| {_fnum(i['loss'], 4) or '–'} |" for e in p["pretrain"] for i in [pre_info[e["cell"]]]]
-    lines += ["## Pretraining", "", "| cell | recipe | status | steps | wall s | final pretext loss (mean of last 10) |",
+    lines += ["## Pretraining", "", "| cell | recipe | status | steps | wall s | final pretext loss (mean of the last 10 logged, last stage) |",
               "|---|---|---|---|---|---|", *pre_rows, ""]
     plots = _plots(abl, p, summary, order, out)
     for png, caption in plots:

@@ -110,8 +110,9 @@ def export_sha(export: Path) -> str | None:
     return ((m or {}).get("weights") or {}).get("sha256") if m else None
 
 
-def pretext_losses(run_dir: Path) -> list[tuple[int, float]]:
-    """``(step, loss)`` of every logged row of a pretraining run's ``metrics.jsonl``."""
+def pretext_losses(run_dir: Path, with_stage: bool = False) -> list[tuple]:
+    """``(step, loss)`` of every logged row of a pretraining run's ``metrics.jsonl``; ``with_stage``: ``(step,
+    loss, stage)``, the stage being the row's ``stage`` value (a recipe with stages logs it) or None."""
     rows = []
     try:
         lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
@@ -123,14 +124,19 @@ def pretext_losses(run_dir: Path) -> list[tuple[int, float]]:
         except ValueError:
             continue
         if isinstance(r.get("loss"), (int, float)) and "step" in r:
-            rows.append((int(r["step"]), float(r["loss"])))
+            rows.append((int(r["step"]), float(r["loss"])) + ((r.get("stage"),) if with_stage else ()))
     return rows
 
 
 def final_loss(run_dir: Path) -> float | None:
-    """Mean of the last 10 logged pretext losses."""
-    rows = pretext_losses(run_dir)[-10:]
-    return sum(v for _, v in rows) / len(rows) if rows else None
+    """Mean of the last 10 logged pretext losses of the run's last stage (contrastive's global and local losses
+    are different quantities, not one curve)."""
+    rows = pretext_losses(run_dir, with_stage=True)
+    if rows:
+        last = rows[-1][2]
+        rows = [r for r in rows if r[2] == last]
+    rows = rows[-10:]
+    return sum(r[1] for r in rows) / len(rows) if rows else None
 
 
 def status(entry: dict) -> tuple[str, str]:
