@@ -1,17 +1,25 @@
-"""Loader benchmark: 96³ crops per second from shards vs. the official repos' MONAI pipeline on .nii.gz.
+"""Loader benchmark: 96³ crops per second from shards vs. the MONAI pipelines a user would pick.
 
-Usage:  python bench/loader.py [--n 8] [--crops 160] [--workers 1 2] [--out .bench/loader]
+Usage:  python bench/loader.py [--n 8] [--crops 160] [--workers 1 2] [--peers nii persistent cache] [--out .bench/loader]
 
 What it does, in one run on one machine:
 1. synthesises ``--n`` full-size CT phantoms (fov_scale 1: ~0.6–1.0 mm in-plane, 1.5–5 mm slices);
 2. builds them into shards with each codec (npy, zstd, blosc2): bytes on disk, median decode ms/volume;
 3. streams 96³ crops (4 per decoded volume, batch 4, training mode with flips) with 1 and 2 workers;
-4. runs the MONAI pipeline the official Hi-End-MAE/MambaMIM/SwinUNETR code uses on the same .nii.gz
-   files: LoadImaged → EnsureChannelFirstd → Orientationd(RAS) → Spacingd(1.5) →
-   ScaleIntensityRanged(-175..250 → 0..1) → RandSpatialCropSamplesd(96³, 4 per volume),
-   through a torch DataLoader with the same workers and batch;
+4. runs MONAI on the same .nii.gz files with the deterministic transforms of the official Hi-End-MAE/MambaMIM/
+   SwinUNETR code — LoadImaged → EnsureChannelFirstd → Orientationd(RAS) → Spacingd(1.5) →
+   ScaleIntensityRanged(-175..250 → 0..1) → SpatialPadd(96³) — then the random part, RandSpatialCropSamplesd
+   (96³, 4 per volume) and RandFlipd on each axis (p 0.5, as the shards' flips), through a torch DataLoader with
+   the same workers and batch, three ways (``--peers``):
+   ``nii``        plain ``Dataset``: every transform on every read (what the official scripts run);
+   ``persistent`` ``PersistentDataset``: the deterministic part cached on disk (float32 ``.pt`` files), built once
+                  before timing;
+   ``cache``      ``CacheDataset``: the deterministic part cached in RAM (cache_rate 1), built before timing;
 5. prints a table (crops/s, crops per CPU-second of the main process and its workers — the per-core
-   figure —, MB/s of source bytes read, peak PSS/RSS of the loader processes) and the ratios. Paste it into BENCHMARKS.md.
+   figure —, MB/s and bytes per crop read from the source or cache, resident/cache bytes per volume, peak PSS/RSS
+   of the loader processes) and the ratios. Paste it into BENCHMARKS.md.
+
+Labels are not read on either side (pretraining reads images only).
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 
@@ -102,29 +109,65 @@ def _time_once(make_iter, n_crops: int) -> dict:
     return {"crops_s": got / dt, "crops_cpu_s": got / cpu, "pss_mb": mem.peak / 1e6, "rss_mb": mem.peak_rss / 1e6}
 
 
-def monai_iter(files: list[str], workers: int):
+def monai_transforms():
+    """The deterministic (cacheable) and random parts of the MONAI pipeline."""
     from monai import transforms as T
-    from monai.data import DataLoader, Dataset
 
-    tf = T.Compose([
+    det = T.Compose([
         T.LoadImaged(keys="image"),
         T.EnsureChannelFirstd(keys="image"),
         T.Orientationd(keys="image", axcodes="RAS"),
         T.Spacingd(keys="image", pixdim=(1.5, 1.5, 1.5), mode="bilinear"),
         T.ScaleIntensityRanged(keys="image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
         T.SpatialPadd(keys="image", spatial_size=CROP),
-        T.RandSpatialCropSamplesd(keys="image", roi_size=CROP, num_samples=K, random_size=False),
     ])
+    rand = T.Compose([
+        T.RandSpatialCropSamplesd(keys="image", roi_size=CROP, num_samples=K, random_size=False),
+        *[T.RandFlipd(keys="image", prob=0.5, spatial_axis=a) for a in range(3)],
+    ])
+    return det, rand
 
-    # one long-lived DataLoader (the file list repeated), so worker start-up is not timed;
+
+def monai_dataset(files: list[str], kind: str, cache_dir: Path):
+    """``kind`` nii | persistent | cache; the cache is built here, before anything is timed."""
+    from monai import transforms as T
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    det, rand = monai_transforms()
+    data = [{"image": f} for f in files]
+    if kind == "nii":
+        return Dataset(data, transform=T.Compose([det, rand]))
+    if kind == "persistent":
+        ds = PersistentDataset(data, transform=T.Compose([*det.transforms, *rand.transforms]), cache_dir=str(cache_dir))
+        for i in range(len(ds)):  # fill the disk cache
+            ds[i]
+        return ds
+    return CacheDataset(data, transform=T.Compose([*det.transforms, *rand.transforms]), cache_rate=1.0,
+                        num_workers=1, progress=False)
+
+
+class _Repeat(torch.utils.data.Dataset):
+    def __init__(self, ds, times: int):
+        self.ds, self.times = ds, times
+
+    def __len__(self):
+        return len(self.ds) * self.times
+
+    def __getitem__(self, i):
+        return self.ds[i % len(self.ds)]
+
+
+def monai_iter(ds, workers: int):
+    from monai.data import DataLoader
+
+    # one long-lived DataLoader (the volumes repeated), so worker start-up is not timed;
     # each item is a list of K crops, so one volume per batch gives the same batch of 4 crops
-    ds = Dataset([{"image": f} for f in files] * 100, transform=tf)
-    return iter(DataLoader(ds, batch_size=BATCH // K, shuffle=True, num_workers=workers))
+    return iter(DataLoader(_Repeat(ds, 100), batch_size=BATCH // K, shuffle=True, num_workers=workers))
 
 
 def _row(name: str, workers: int, r: dict) -> list:
     return [name, workers, f"{r['crops_s']:.1f}", f"{r['crops_cpu_s']:.1f}", f"{r['mb_s']:.0f}",
-            f"{r['pss_mb']:.0f}", f"{r['rss_mb']:.0f}"]
+            f"{r['mb_crop']:.2f}", f"{r['mb_vol']:.1f}", f"{r['pss_mb']:.0f}", f"{r['rss_mb']:.0f}"]
 
 
 def main(argv=None) -> int:
@@ -135,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; medians reported (default 3)")
     ap.add_argument("--codecs", nargs="+", default=["npy", "zstd", "blosc2"])
+    ap.add_argument("--peers", nargs="+", default=["nii", "persistent", "cache"], choices=["nii", "persistent", "cache"],
+                    help="MONAI pipelines to compare with (default all three)")
     ap.add_argument("--out", default=".bench/loader")
     args = ap.parse_args(argv)
 
@@ -165,35 +210,53 @@ def main(argv=None) -> int:
         results[codec] = {"bytes": index["bytes"], "decode_ms": 1e3 * statistics.median(times)}
         for w in args.workers:
             loader = lambda: iter(shards.stream(d, crop_size=CROP, crops_per_volume=K, batch_size=BATCH,
-                                                num_workers=w, flip_prob=0.5, rank=0, world_size=1))
+                                                num_workers=w, flip_prob=0.5, labels=False, rank=0, world_size=1))
             r = time_loader(loader, args.crops, args.repeat)
             # shard bytes read per second: each volume is read once per K crops
-            r["mb_s"] = r["crops_s"] / K * index["bytes"] / index["samples"] / 1e6
+            r["mb_vol"] = index["bytes"] / index["samples"] / 1e6
+            r["mb_crop"] = r["mb_vol"] / K
+            r["mb_s"] = r["crops_s"] * r["mb_crop"]
             results[codec][f"w{w}"] = r
             rows.append(_row(f"shards ({codec})", w, r))
             print(rows[-1], flush=True)
-    for w in args.workers:
-        r = time_loader(lambda: monai_iter(files, w), args.monai_crops, args.repeat)
-        r["mb_s"] = r["crops_s"] / K * nii_bytes / len(files) / 1e6
-        results[f"monai_w{w}"] = r
-        rows.append(_row("MONAI .nii.gz", w, r))
-        print(rows[-1], flush=True)
+    names = {"nii": "MONAI .nii.gz", "persistent": "MONAI PersistentDataset", "cache": "MONAI CacheDataset"}
+    for kind in args.peers:
+        cache_dir = out / "monai_persistent"
+        ds = monai_dataset(files, kind, cache_dir)
+        if kind == "nii":
+            vol_mb = nii_bytes / len(files) / 1e6  # read from disk on every visit
+        elif kind == "persistent":
+            vol_mb = sum(p.stat().st_size for p in cache_dir.glob("*.pt")) / len(files) / 1e6
+        else:  # resident float32 arrays, what every visit reads from RAM
+            vol_mb = sum(ds._cache[i]["image"].numel() * ds._cache[i]["image"].element_size()
+                         for i in range(len(files))) / len(files) / 1e6
+        for w in args.workers:
+            r = time_loader(lambda: monai_iter(ds, w), args.crops if kind != "nii" else args.monai_crops, args.repeat)
+            r["mb_vol"], r["mb_crop"] = vol_mb, vol_mb / K
+            r["mb_s"] = r["crops_s"] * r["mb_crop"]
+            results[f"monai_{kind}_w{w}"] = r
+            rows.append(_row(names[kind], w, r))
+            print(rows[-1], flush=True)
 
     from medssl.shards.verify import table
 
-    vol_mb = np.mean([results[c]["bytes"] for c in args.codecs if c == "npy"] or [0]) / args.n / 1e6
+    stored = (f"; stored int16 at 1.5 mm ~{results['npy']['bytes'] / args.n / 1e6:.1f} MB/volume"
+              if "npy" in results else "")
     print(f"\nmachine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"{args.n} CT phantoms, {len(files)} .nii.gz = {nii_bytes / 1e6:.1f} MB; stored int16 at 1.5 mm ~{vol_mb:.1f} MB/volume")
+    print(f"{args.n} CT phantoms, {len(files)} .nii.gz = {nii_bytes / 1e6:.1f} MB{stored}")
     print(table(["codec", "shard MB", "decode ms/volume (median)"],
                 [[c, f"{results[c]['bytes'] / 1e6:.1f}", f"{results[c]['decode_ms']:.1f}"] for c in args.codecs]))
     print()
-    print(table(["loader", "workers", "crops/s", "crops/CPU-s", "MB/s read", "peak PSS MB", "peak RSS MB"], rows))
+    print(table(["loader", "workers", "crops/s", "crops/CPU-s", "MB/s read", "MB read per crop", "MB stored per volume",
+                 "peak PSS MB", "peak RSS MB"], rows))
     best = max(args.codecs, key=lambda c: results[c][f"w{args.workers[0]}"]["crops_s"])
-    for w in args.workers:
-        a, b = results[best][f"w{w}"], results[f"monai_w{w}"]
-        print(f"shards ({best}) : MONAI with {w} worker(s): {a['crops_s'] / b['crops_s']:.1f}x crops/s, "
-              f"{a['crops_cpu_s'] / b['crops_cpu_s']:.1f}x crops per CPU-second")
+    for kind in args.peers:
+        for w in args.workers:
+            a, b = results[best][f"w{w}"], results[f"monai_{kind}_w{w}"]
+            print(f"shards ({best}) : {names[kind]} with {w} worker(s): {a['crops_s'] / b['crops_s']:.2f}x crops/s, "
+                  f"{a['crops_cpu_s'] / b['crops_cpu_s']:.2f}x crops per CPU-second, "
+                  f"{b['mb_crop'] / a['mb_crop']:.1f}x fewer bytes per crop")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
