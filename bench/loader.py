@@ -91,22 +91,26 @@ def cpu_seconds() -> float:
 
 
 def time_loader(make_iter, n_crops: int, repeat: int = 1) -> dict:
-    """Median over ``repeat`` runs of crops/s and crops per CPU-second (worker start-up excluded), peak memory."""
+    """Median over ``repeat`` timed runs of crops/s and crops per CPU-second (worker start-up excluded), then one
+    more run for the peak memory: the memory sampler reads /proc/*/smaps, which costs CPU, so it never runs while
+    the clock does."""
     runs = [_time_once(make_iter, n_crops) for _ in range(repeat)]
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    with PeakMemory() as mem:
+        _time_once(make_iter, n_crops)
+    return out | {"pss_mb": mem.peak / 1e6, "rss_mb": mem.peak_rss / 1e6}
 
 
 def _time_once(make_iter, n_crops: int) -> dict:
-    with PeakMemory() as mem:
-        it = make_iter()
-        first = next(it)
-        got, t0, c0 = 0, time.perf_counter(), cpu_seconds()
-        while got < n_crops:
-            batch = next(it)
-            got += batch["image"].shape[0] if isinstance(batch, dict) else len(batch)
-        dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        del it, first
-    return {"crops_s": got / dt, "crops_cpu_s": got / cpu, "pss_mb": mem.peak / 1e6, "rss_mb": mem.peak_rss / 1e6}
+    it = make_iter()
+    first = next(it)
+    got, t0, c0 = 0, time.perf_counter(), cpu_seconds()
+    while got < n_crops:
+        batch = next(it)
+        got += batch["image"].shape[0] if isinstance(batch, dict) else len(batch)
+    dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    del it, first, batch
+    return {"crops_s": got / dt, "crops_cpu_s": got / cpu}
 
 
 def monai_transforms():
@@ -178,8 +182,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; medians reported (default 3)")
     ap.add_argument("--codecs", nargs="+", default=["npy", "zstd", "blosc2"])
-    ap.add_argument("--peers", nargs="+", default=["nii", "persistent", "cache"], choices=["nii", "persistent", "cache"],
-                    help="MONAI pipelines to compare with (default all three)")
+    ap.add_argument("--peers", nargs="*", default=["nii", "persistent", "cache"], choices=["nii", "persistent", "cache"],
+                    help="MONAI pipelines to compare with (default all three; none: the shards only)")
+    ap.add_argument("--fresh-buffers", action="store_true",
+                    help="the stream without its reusable shared batch buffers (StreamConfig.reuse_buffers=False)")
     ap.add_argument("--out", default=".bench/loader")
     args = ap.parse_args(argv)
 
@@ -210,14 +216,15 @@ def main(argv=None) -> int:
         results[codec] = {"bytes": index["bytes"], "decode_ms": 1e3 * statistics.median(times)}
         for w in args.workers:
             loader = lambda: iter(shards.stream(d, crop_size=CROP, crops_per_volume=K, batch_size=BATCH,
-                                                num_workers=w, flip_prob=0.5, labels=False, rank=0, world_size=1))
+                                                num_workers=w, flip_prob=0.5, labels=False,
+                                                reuse_buffers=not args.fresh_buffers, rank=0, world_size=1))
             r = time_loader(loader, args.crops, args.repeat)
             # shard bytes read per second: each volume is read once per K crops
             r["mb_vol"] = index["bytes"] / index["samples"] / 1e6
             r["mb_crop"] = r["mb_vol"] / K
             r["mb_s"] = r["crops_s"] * r["mb_crop"]
             results[codec][f"w{w}"] = r
-            rows.append(_row(f"shards ({codec})", w, r))
+            rows.append(_row(f"shards ({codec}{', fresh buffers' if args.fresh_buffers else ''})", w, r))
             print(rows[-1], flush=True)
     names = {"nii": "MONAI .nii.gz", "persistent": "MONAI PersistentDataset", "cache": "MONAI CacheDataset"}
     for kind in args.peers:

@@ -46,17 +46,18 @@ class Window:
         return np.array([p[0] for p in pairs], np.float64), np.array([p[1] for p in pairs], np.float64)
 
     def apply(self, x: np.ndarray, meta: dict) -> np.ndarray:
-        """``x`` ``[C, X, Y, Z]`` (or any array whose first axis is the channel) → float32 in ``out``."""
+        """``x`` ``[C, X, Y, Z]`` (or any array whose first axis is the channel) → float32 in ``out``, C-contiguous."""
         lo, hi = self.channel_bounds(meta, x.shape[0]) if x.ndim >= 2 else self.bounds(meta)
         if np.ndim(lo) and np.all(lo == lo[0]) and np.all(hi == hi[0]):
             lo, hi = float(lo[0]), float(hi[0])
         scale = (self.out[1] - self.out[0]) / (hi - lo)
         if np.ndim(scale):  # one scale per channel
             shape = (-1,) + (1,) * (x.ndim - 1)
-            y = np.multiply(x, scale.astype(np.float32).reshape(shape), dtype=np.float32)
+            y = np.multiply(x, scale.astype(np.float32).reshape(shape), dtype=np.float32, order="C")
             y += (self.out[0] - lo * scale).astype(np.float32).reshape(shape)
         else:
-            y = np.multiply(x, np.float32(scale), dtype=np.float32)  # one pass: cast and scale
+            y = np.multiply(x, np.float32(scale), dtype=np.float32, order="C")  # one pass: cast, scale, C order
+            #  (x may be a strided or flipped view of the volume: the window writes the crop's contiguous copy)
             y += np.float32(self.out[0] - lo * scale)
         if self.clip:
             np.clip(y, min(self.out), max(self.out), out=y)
@@ -154,11 +155,13 @@ def intensity_jitter(img: np.ndarray, rng: np.random.Generator, prob: float, sca
 
 
 def flip_rot90(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator, flip_prob: float,
-               rot90_prob: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
+               rot90_prob: float, contiguous: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
     """Random flips of each spatial axis (``flip_prob`` each) and a rot90 in the X–Y plane (``rot90_prob``).
 
     Quarter turns need a square X–Y crop; otherwise only the half turn is drawn.
-    Returns the (contiguous) image, label, the flip flags ``[3]`` and the number of quarter turns.
+    Returns the image, label, the flip flags ``[3]`` and the number of quarter turns; the image is a flipped view
+    with ``contiguous=False`` (for a caller whose next step writes a new array anyway, as the window does), else a
+    contiguous copy, as the label always is.
     """
     flips = rng.random(3) < flip_prob
     k = 0
@@ -171,6 +174,6 @@ def flip_rot90(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator
     if k:
         img = np.rot90(img, k, axes=(1, 2))
         lab = np.rot90(lab, k, axes=(1, 2)) if lab is not None else None
-    img = np.ascontiguousarray(img)
+    img = np.ascontiguousarray(img) if contiguous else img
     lab = np.ascontiguousarray(lab) if lab is not None else None
     return img, lab, flips, k

@@ -51,6 +51,7 @@ Resumption
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -92,6 +93,11 @@ class StreamConfig:
     check: bool = True  # verify each voxel member's CRC-32 when reading
     samples_per_epoch: int | None = None  # volumes per epoch over all ranks; default: all of them
     prefetch_factor: int = 2
+    # Reusable shared-memory batch buffers between DataLoader workers and the training process: each worker
+    # stacks its batches into prefetch_factor + 3 buffers it made once, instead of a fresh shared segment per
+    # batch (13 ms per 4 × 96³ float32 batch against 0.65 ms, BENCHMARKS.md). A buffer is written again only
+    # after the training process holds no tensor on it any more; a consumer that keeps batches gets fresh ones.
+    reuse_buffers: bool = True
     timeout: float = 600.0  # seconds to wait for one batch from a DataLoader worker before raising
     # S > 0: cut each volume into S equal slabs along its cranio-caudal axis (Z of the stored RAS grid, inferior
     # first) and centre crop j of the volume in slab j (crops_per_volume = S); every crop carries its
@@ -337,7 +343,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             lab = entry["label"][sl] if entry["label"] is not None else None
         flips, k = np.zeros(3, bool), 0
         if cfg.mode == "train" and (cfg.flip_prob > 0 or cfg.rot90_prob > 0):
-            img, lab, flips, k = flip_rot90(img, lab, entry["rng"], cfg.flip_prob, cfg.rot90_prob)
+            img, lab, flips, k = flip_rot90(img, lab, entry["rng"], cfg.flip_prob, cfg.rot90_prob, contiguous=False)
         img = cfg.window.apply(img, entry["meta"])
         jitter = (1.0, 0.0)
         if cfg.mode == "train" and cfg.intensity_prob > 0:
@@ -428,8 +434,38 @@ class ShardStream(torch.utils.data.IterableDataset):
         return pool
 
 
-def _collate(samples: list[dict]) -> dict:
-    """Stack crops into ``[B, C, X, Y, Z]``; carry the worker's error record and resume state alongside."""
+def _use_count(t: torch.Tensor) -> int | None:
+    """How many tensors (and storage objects) hold ``t``'s memory; None where torch does not tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else int(count(t.untyped_storage()._cdata))
+
+
+class _WorkerBuffers:
+    """One DataLoader worker's reusable shared batch buffers: ``n`` slots, each with a tensor per stacked key, and a
+    shared flag per slot (0 free, 1 written by the worker and not yet given back by the training process)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.flags = torch.zeros(n, dtype=torch.uint8).share_memory_()
+        self.tensors: dict[tuple[str, int], torch.Tensor] = {}
+        self.flags_sent = False
+
+    def claim(self) -> int | None:
+        free = (self.flags == 0).nonzero()
+        if not len(free):
+            return None
+        r = int(free[0])
+        self.flags[r] = 1
+        return r
+
+
+_BUFFERS: _WorkerBuffers | None = None  # this worker process's buffers (each worker is its own process)
+
+
+def _collate(samples: list[dict], reuse: int = 0) -> dict:
+    """Stack crops into ``[B, C, X, Y, Z]``; carry the worker's error record and resume state alongside. ``reuse``
+    > 0 (inside a worker): stack into one of ``reuse`` shared buffers made once and send its slot number only."""
+    global _BUFFERS
     real = [s for s in samples if not s.get("_sentinel")]
     last = samples[-1]
     batch: dict = {"_worker": last["_worker"], "_errors": max(s["_errors"] for s in samples),
@@ -438,11 +474,30 @@ def _collate(samples: list[dict]) -> dict:
         batch["_state"] = last["_state"]
     if not real:
         return batch
-    # default_collate stacks straight into shared memory inside a worker: no extra copy on the way out
+    # default_collate stacks straight into (fresh) shared memory inside a worker: no extra copy on the way out
     stack = torch.utils.data.default_collate
-    batch["image"] = stack([s["image"] for s in real])
+    big = {"image": [s["image"] for s in real]}
     if all("label" in s for s in real):
-        batch["label"] = stack([s["label"] for s in real])
+        big["label"] = [s["label"] for s in real]
+    r = None
+    if reuse and torch.utils.data.get_worker_info() is not None:
+        if _BUFFERS is None or _BUFFERS.n != reuse:
+            _BUFFERS = _WorkerBuffers(reuse)
+        r = _BUFFERS.claim()
+    if r is None:  # no free buffer (the consumer still holds them all), or not in a worker
+        batch.update({k: stack(v) for k, v in big.items()})
+    else:
+        new = {}
+        for key, parts in big.items():
+            shape = (len(parts), *parts[0].shape)
+            t = _BUFFERS.tensors.get((key, r))
+            if t is None or t.shape != shape or t.dtype != parts[0].dtype:
+                t = _BUFFERS.tensors[(key, r)] = torch.empty(shape, dtype=parts[0].dtype).share_memory_()
+                new[key] = t  # sent once (a shared-memory handle); later batches name the slot only
+            torch.stack(parts, out=t)
+        flags = None if _BUFFERS.flags_sent else _BUFFERS.flags
+        _BUFFERS.flags_sent = True
+        batch["_slot"] = (r, tuple(big), new, flags)
     batch["key"] = [s["key"] for s in real]
     batch["origin"] = stack([s["origin"] for s in real])
     batch["flip"] = stack([s["flip"] for s in real])
@@ -452,6 +507,33 @@ def _collate(samples: list[dict]) -> dict:
     if all("partition" in s for s in real):
         batch["partition"] = torch.tensor([s["partition"] for s in real])
     return batch
+
+
+class _MainBuffers:
+    """The training process's side of the workers' shared batch buffers: the tensors of every slot, how many
+    holders each has when nobody but this table holds it, and the slots given out in batches. A slot goes back to
+    its worker (flag 0) once no tensor outside this table refers to its memory."""
+
+    def __init__(self):
+        self.flags: dict[int, torch.Tensor] = {}
+        self.tensors: dict[tuple[int, int, str], tuple[torch.Tensor, int]] = {}
+        self.out: set[tuple[int, int, tuple]] = set()
+
+    def release(self) -> None:
+        for w, r, keys in list(self.out):
+            if all(_use_count(self.tensors[(w, r, k)][0]) == self.tensors[(w, r, k)][1] for k in keys):
+                self.flags[w][r] = 0
+                self.out.discard((w, r, keys))
+
+    def receive(self, w: int, slot: tuple, batch: dict) -> None:
+        r, keys, new, flags = slot
+        if flags is not None:
+            self.flags[w] = flags
+        for k, t in new.items():
+            self.tensors[(w, r, k)] = (t, _use_count(t))
+        for k in keys:
+            batch[k] = self.tensors[(w, r, k)][0][:]  # a view: while the consumer holds it, the slot stays out
+        self.out.add((w, r, keys))
 
 
 class ShardLoader:
@@ -551,11 +633,14 @@ class ShardLoader:
         if cfg.mode == "train":  # a new iteration continues where the last one stopped
             self.dataset.resume_states = dict(self._states)
             self.dataset.worker_offset = self._batches % max(1, cfg.num_workers)
+        reuse = 0
+        if cfg.reuse_buffers and cfg.num_workers and cfg.crop_size is not None and _use_count(torch.zeros(1)) is not None:
+            reuse = (cfg.prefetch_factor or 2) + 3  # in flight per worker + the batch in use + the one before it
         dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
-            collate_fn=_collate,
+            collate_fn=functools.partial(_collate, reuse=reuse),
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
             persistent_workers=False,
             timeout=cfg.timeout if cfg.num_workers else 0,
@@ -563,8 +648,12 @@ class ShardLoader:
             # never changes the random draws of the training loop (exact resume)
             generator=torch.Generator().manual_seed(cfg.seed),
         )
+        buffers = _MainBuffers()
         for batch in _bounded(dl, cfg.timeout, self.dataset.rank):
+            buffers.release()  # slots of earlier batches that nothing holds any more go back to their workers
             w = batch.pop("_worker")
+            if "_slot" in batch:
+                buffers.receive(w, batch.pop("_slot"), batch)
             self._errors[w] = batch.pop("_errors")
             self._by_shard[w] = batch.pop("_by_shard")
             for m in batch.pop("_messages"):
