@@ -23,7 +23,8 @@ Per worker
     raw samples → shuffle buffer (training) → decode + checksum → pool of ``pool_size`` decoded
     volumes → ``crops_per_volume`` crops each (decode once, crop many), centred on the body or on the
     background → padding of small volumes → intensity window → flips/rot90 → intensity scale and shift
-    (training) → batches ``[B, C, X, Y, Z]``.
+    (training) → batches ``[B, C, X, Y, Z]``, stacked into one of the worker's reusable shared-memory
+    buffers (``reuse_buffers``; the training process gives a buffer back when it holds no tensor on it).
     Every random draw comes from generators seeded by ``(seed, rank, worker, epoch, volume)``, so a
     run is reproducible and a volume's crops do not depend on what else was in the pool.
 
