@@ -337,7 +337,14 @@ class Contrastive(nn.Module):
         return enc + [("global_head", self.global_head)]
 
     def trace(self, x: Tensor) -> Tensor:
-        return self.embed_global(x)
+        """The global branch on ``x`` (the model summary's one-sample trace): g1's BatchNorm in eval mode, since
+        batch statistics need more than one row."""
+        training = self.global_head.training
+        self.global_head.eval()
+        try:
+            return self.embed_global(x)
+        finally:
+            self.global_head.train(training)
 
     # ------------------------------------------------------------------------------ the two stages
     def embed_global(self, x: Tensor) -> Tensor:
