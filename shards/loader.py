@@ -64,6 +64,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import buffers
 from .crops import Window, body_centre_origins, body_points, flip_rot90, intensity_jitter, pad_to, partition_origins, sample_origins
 from .format import CorruptSample, decode_sample
 from .slots import STATE_VERSION, _ErrorLog, _TrainVolumes, check_state, merge_error_counts  # noqa: F401 (re-exported)
@@ -435,38 +436,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         return pool
 
 
-def _use_count(t: torch.Tensor) -> int | None:
-    """How many tensors (and storage objects) hold ``t``'s memory; None where torch does not tell."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else int(count(t.untyped_storage()._cdata))
-
-
-class _WorkerBuffers:
-    """One DataLoader worker's reusable shared batch buffers: ``n`` slots, each with a tensor per stacked key, and a
-    shared flag per slot (0 free, 1 written by the worker and not yet given back by the training process)."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.flags = torch.zeros(n, dtype=torch.uint8).share_memory_()
-        self.tensors: dict[tuple[str, int], torch.Tensor] = {}
-        self.flags_sent = False
-
-    def claim(self) -> int | None:
-        free = (self.flags == 0).nonzero()
-        if not len(free):
-            return None
-        r = int(free[0])
-        self.flags[r] = 1
-        return r
-
-
-_BUFFERS: _WorkerBuffers | None = None  # this worker process's buffers (each worker is its own process)
-
-
 def _collate(samples: list[dict], reuse: int = 0) -> dict:
     """Stack crops into ``[B, C, X, Y, Z]``; carry the worker's error record and resume state alongside. ``reuse``
     > 0 (inside a worker): stack into one of ``reuse`` shared buffers made once and send its slot number only."""
-    global _BUFFERS
     real = [s for s in samples if not s.get("_sentinel")]
     last = samples[-1]
     batch: dict = {"_worker": last["_worker"], "_errors": max(s["_errors"] for s in samples),
@@ -480,25 +452,13 @@ def _collate(samples: list[dict], reuse: int = 0) -> dict:
     big = {"image": [s["image"] for s in real]}
     if all("label" in s for s in real):
         big["label"] = [s["label"] for s in real]
-    r = None
+    slot = None
     if reuse and torch.utils.data.get_worker_info() is not None:
-        if _BUFFERS is None or _BUFFERS.n != reuse:
-            _BUFFERS = _WorkerBuffers(reuse)
-        r = _BUFFERS.claim()
-    if r is None:  # no free buffer (the consumer still holds them all), or not in a worker
+        slot = buffers.stack_in_worker(big, reuse)
+    if slot is None:  # no free buffer (the consumer still holds them all), or not in a worker
         batch.update({k: stack(v) for k, v in big.items()})
     else:
-        new = {}
-        for key, parts in big.items():
-            shape = (len(parts), *parts[0].shape)
-            t = _BUFFERS.tensors.get((key, r))
-            if t is None or t.shape != shape or t.dtype != parts[0].dtype:
-                t = _BUFFERS.tensors[(key, r)] = torch.empty(shape, dtype=parts[0].dtype).share_memory_()
-                new[key] = t  # sent once (a shared-memory handle); later batches name the slot only
-            torch.stack(parts, out=t)
-        flags = None if _BUFFERS.flags_sent else _BUFFERS.flags
-        _BUFFERS.flags_sent = True
-        batch["_slot"] = (r, tuple(big), new, flags)
+        batch["_slot"] = slot
     batch["key"] = [s["key"] for s in real]
     batch["origin"] = stack([s["origin"] for s in real])
     batch["flip"] = stack([s["flip"] for s in real])
@@ -508,33 +468,6 @@ def _collate(samples: list[dict], reuse: int = 0) -> dict:
     if all("partition" in s for s in real):
         batch["partition"] = torch.tensor([s["partition"] for s in real])
     return batch
-
-
-class _MainBuffers:
-    """The training process's side of the workers' shared batch buffers: the tensors of every slot, how many
-    holders each has when nobody but this table holds it, and the slots given out in batches. A slot goes back to
-    its worker (flag 0) once no tensor outside this table refers to its memory."""
-
-    def __init__(self):
-        self.flags: dict[int, torch.Tensor] = {}
-        self.tensors: dict[tuple[int, int, str], tuple[torch.Tensor, int]] = {}
-        self.out: set[tuple[int, int, tuple]] = set()
-
-    def release(self) -> None:
-        for w, r, keys in list(self.out):
-            if all(_use_count(self.tensors[(w, r, k)][0]) == self.tensors[(w, r, k)][1] for k in keys):
-                self.flags[w][r] = 0
-                self.out.discard((w, r, keys))
-
-    def receive(self, w: int, slot: tuple, batch: dict) -> None:
-        r, keys, new, flags = slot
-        if flags is not None:
-            self.flags[w] = flags
-        for k, t in new.items():
-            self.tensors[(w, r, k)] = (t, _use_count(t))
-        for k in keys:
-            batch[k] = self.tensors[(w, r, k)][0][:]  # a view: while the consumer holds it, the slot stays out
-        self.out.add((w, r, keys))
 
 
 class ShardLoader:
@@ -635,7 +568,7 @@ class ShardLoader:
             self.dataset.resume_states = dict(self._states)
             self.dataset.worker_offset = self._batches % max(1, cfg.num_workers)
         reuse = 0
-        if cfg.reuse_buffers and cfg.num_workers and cfg.crop_size is not None and _use_count(torch.zeros(1)) is not None:
+        if cfg.reuse_buffers and cfg.num_workers and cfg.crop_size is not None and buffers.available():
             reuse = (cfg.prefetch_factor or 2) + 3  # in flight per worker + the batch in use + the one before it
         dl = torch.utils.data.DataLoader(
             self.dataset,
@@ -649,12 +582,12 @@ class ShardLoader:
             # never changes the random draws of the training loop (exact resume)
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        buffers = _MainBuffers()
+        held = buffers.MainBuffers()
         for batch in _bounded(dl, cfg.timeout, self.dataset.rank):
-            buffers.release()  # slots of earlier batches that nothing holds any more go back to their workers
+            held.release()  # slots of earlier batches that nothing holds any more go back to their workers
             w = batch.pop("_worker")
             if "_slot" in batch:
-                buffers.receive(w, batch.pop("_slot"), batch)
+                held.receive(w, batch.pop("_slot"), batch)
             self._errors[w] = batch.pop("_errors")
             self._by_shard[w] = batch.pop("_by_shard")
             for m in batch.pop("_messages"):
