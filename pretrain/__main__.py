@@ -224,9 +224,10 @@ def resolve(args) -> tuple:
         task_class(cfg.recipe)(backbone, cfg.task)
     if hasattr(task_class(cfg.recipe), "check_config"):  # what the task needs of the data and the batch
         task_class(cfg.recipe).check_config(cfg)
-    from .train import stream_config
+    from .train import crop_device, stream_config
 
     stream_config(cfg)  # the data.* values the crop stream checks
+    crop_device(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # and where crops are cut
     world = launcher_world_size()
     check_batch(cfg, world)
     ds_user = read_deepspeed_json(args.deepspeed_config) if args.deepspeed_config else None

@@ -50,6 +50,11 @@ class DataConfig:
     pool_size: int = 4
     partitions: int = 0  # S > 0: crop j of each volume centred in the j-th of S cranio-caudal slabs (contrastive)
     partition_inplane: str = "body"  # partitioned crops centred in-plane on the body's bounding box | "sampled"
+    # Where training crops are cut: cpu = the DataLoader workers (shards.stream); cuda = the device pool on the
+    # training GPU (workers only decode; shards/pool.py); auto = cuda on a GPU run, else cpu; cpu-pool = the device
+    # pool's code on CPU tensors (tests, checks). The default stays cpu until the pool has been measured on a GPU.
+    crop_device: str = "cpu"
+    device_pool: str | int | None = None  # the pool's size: "4GiB" (the default), "512MiB", or a number of volumes
 
 
 @dataclass

@@ -194,11 +194,49 @@ def stream_config(cfg: RunConfig, seed: int = 0):
         raise ConfigError(f"data.{exc}") from None  # the stream's messages start with the field's name
 
 
+CROP_DEVICES = ("cpu", "cuda", "auto", "cpu-pool")
+DEFAULT_DEVICE_POOL = "4GiB"
+
+
+def crop_device(cfg: RunConfig, device: torch.device | None = None) -> str:
+    """Where this run cuts its crops: ``workers`` (the stream's DataLoader workers) or the device pool on ``cuda`` or
+    ``cpu``; checks ``data.crop_device`` and ``data.device_pool`` (``ConfigError`` naming the key and the fix)."""
+    from medssl.shards.pool import parse_budget
+
+    from .config import ConfigError
+
+    d = cfg.data
+    if d.crop_device not in CROP_DEVICES:
+        raise ConfigError(f"data.crop_device={d.crop_device!r} must be one of {', '.join(CROP_DEVICES)} (cpu: the "
+                          "DataLoader workers cut crops; cuda: the device pool on the training GPU)")
+    try:
+        parse_budget(DEFAULT_DEVICE_POOL if d.device_pool is None else d.device_pool)
+    except ValueError as exc:
+        raise ConfigError(f"data.{exc}") from None
+    on_gpu = device is not None and device.type == "cuda"
+    if d.crop_device == "cuda" and device is not None and not on_gpu:
+        raise ConfigError(f"data.crop_device=cuda needs a GPU run; this run trains on {device.type}: use "
+                          "data.crop_device=cpu (or auto)")
+    where = {"cpu": "workers", "cpu-pool": "cpu", "cuda": "cuda", "auto": "cuda" if on_gpu else "workers"}[d.crop_device]
+    if where != "workers" and d.partitions:
+        raise ConfigError(f"data.crop_device={d.crop_device}: partitioned crops (data.partitions={d.partitions}) are "
+                          "cut by the workers; use data.crop_device=cpu")
+    return where
+
+
 def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
+    """The run's batches: the crop stream (``shards.stream``), or the device pool (``data.crop_device``)."""
     from medssl import shards
 
     sc = stream_config(cfg, seed)
-    return shards.stream(cfg.data.shards, sc, rank=env.rank, world_size=env.world_size)
+    where = crop_device(cfg, env.device)
+    if where == "workers":
+        return shards.stream(cfg.data.shards, sc, rank=env.rank, world_size=env.world_size)
+    from medssl.shards.pool import DevicePool
+
+    budget = DEFAULT_DEVICE_POOL if cfg.data.device_pool is None else cfg.data.device_pool
+    return DevicePool(cfg.data.shards, sc, device=env.device if where == "cuda" else torch.device("cpu"),
+                      budget=budget, rank=env.rank, world_size=env.world_size)
 
 
 def summary(cfg: RunConfig, env: engine.DistEnv, task, plan, start: int, resumed_from: str | None) -> str:

@@ -144,14 +144,23 @@ def intensity_jitter(img: np.ndarray, rng: np.random.Generator, prob: float, sca
     whole crop: ``x * (1 + f)``, ``f ~ U(-scale, scale)``, then ``+ o``, ``o ~ U(-shift, shift)``, each with its
     own draw of ``prob``. Works in place on float32 ``img``; returns it, the factor ``1 + f`` and the offset ``o``
     (1 and 0 when not drawn)."""
+    factor, offset = draw_jitter(rng, prob, scale, shift)
+    if factor != 1.0:
+        img *= factor
+    if offset != 0.0:
+        img += offset
+    return img, float(factor), float(offset)
+
+
+def draw_jitter(rng: np.random.Generator, prob: float, scale: float, shift: float) -> tuple[np.float32, np.float32]:
+    """The draws of :func:`intensity_jitter` alone: the float32 factor ``1 + f`` and offset ``o`` (1 and 0 when not
+    drawn), in the order the worker path draws them (the device pool applies them on the device)."""
     factor, offset = np.float32(1.0), np.float32(0.0)
     if rng.random() < prob:
         factor = np.float32(1.0 + rng.uniform(-scale, scale))
-        img *= factor
     if rng.random() < prob:
         offset = np.float32(rng.uniform(-shift, shift))
-        img += offset
-    return img, float(factor), float(offset)
+    return factor, offset
 
 
 def flip_rot90(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator, flip_prob: float,
@@ -163,10 +172,7 @@ def flip_rot90(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator
     with ``contiguous=False`` (for a caller whose next step writes a new array anyway, as the window does), else a
     contiguous copy, as the label always is.
     """
-    flips = rng.random(3) < flip_prob
-    k = 0
-    if rot90_prob > 0 and rng.random() < rot90_prob:
-        k = int(rng.integers(1, 4)) if img.shape[1] == img.shape[2] else 2
+    flips, k = draw_flips(rng, flip_prob, rot90_prob, img.shape[1] == img.shape[2])
     axes = tuple(int(a) + 1 for a in np.flatnonzero(flips))  # +1: skip the channel axis
     if axes:
         img = np.flip(img, axes)
@@ -177,3 +183,31 @@ def flip_rot90(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator
     img = np.ascontiguousarray(img) if contiguous else img
     lab = np.ascontiguousarray(lab) if lab is not None else None
     return img, lab, flips, k
+
+
+def draw_flips(rng: np.random.Generator, flip_prob: float, rot90_prob: float, square: bool) -> tuple[np.ndarray, int]:
+    """The draws of :func:`flip_rot90` alone: flip flags ``[3]`` and quarter turns (only the half turn when the crop's
+    X–Y plane is not ``square``)."""
+    flips = rng.random(3) < flip_prob
+    k = 0
+    if rot90_prob > 0 and rng.random() < rot90_prob:
+        k = int(rng.integers(1, 4)) if square else 2
+    return flips, k
+
+
+def plane_map(flips, k: int, crop) -> np.ndarray:
+    """Where :func:`flip_rot90` takes each voxel from, as index arithmetic: ``A`` ``[3, 4]`` with crop voxel
+    ``(x, y, z) = A @ (i, j, l, 1)`` for output voxel ``(i, j, l)`` (before the crop's origin is added). The device
+    pool gathers through it, so its crops equal the worker path's without flipping or rotating arrays."""
+    cx, cy, cz = (int(c) for c in crop)
+    x, y = np.array([1, 0, 0, 0], np.int64), np.array([0, 1, 0, 0], np.int64)  # output (i, j) in the rotated crop
+    one = np.array([0, 0, 0, 1], np.int64)
+    for t in range(k, 0, -1):  # undo each quarter turn: rot90(v)[i, j] = v[j, N - 1 - i], N = v's second extent
+        n = cy if (t - 1) % 2 == 0 else cx
+        x, y = y, (n - 1) * one - x
+    if flips[0]:
+        x = (cx - 1) * one - x
+    if flips[1]:
+        y = (cy - 1) * one - y
+    z = (cz - 1) * one - np.array([0, 0, 1, 0], np.int64) if flips[2] else np.array([0, 0, 1, 0], np.int64)
+    return np.stack([x, y, z])

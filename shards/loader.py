@@ -484,6 +484,7 @@ class ShardLoader:
         self._messages: deque = deque(maxlen=10)
         self._states: dict[int, dict] = {}
         self._batches = 0
+        self.resumed_exact = False  # load_state_dict matched the saved state slot for slot
 
     @property
     def errors(self) -> int:
@@ -557,21 +558,20 @@ class ShardLoader:
         else:
             self._states = workers
             self._batches = int(state.get("batches", 0))
+            self.resumed_exact = True
         for w, st in self._states.items():
             err = st.get("errors") or {}
             self._errors[w] = int(err.get("count", 0))
             self._by_shard[w] = err.get("by_shard", {})
 
-    def __iter__(self):
+    def _dataloader(self, **kwargs) -> torch.utils.data.DataLoader:
+        """The DataLoader over the workers: batches of crops stacked by ``_collate`` (``kwargs`` replace its
+        arguments, e.g. one item per decoded volume for the device pool)."""
         cfg = self.cfg
-        if cfg.mode == "train":  # a new iteration continues where the last one stopped
-            self.dataset.resume_states = dict(self._states)
-            self.dataset.worker_offset = self._batches % max(1, cfg.num_workers)
         reuse = 0
         if cfg.reuse_buffers and cfg.num_workers and cfg.crop_size is not None and buffers.available():
             reuse = (cfg.prefetch_factor or 2) + 3  # in flight per worker + the batch in use + the one before it
-        dl = torch.utils.data.DataLoader(
-            self.dataset,
+        args = dict(
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
             collate_fn=functools.partial(_collate, reuse=reuse),
@@ -582,6 +582,14 @@ class ShardLoader:
             # never changes the random draws of the training loop (exact resume)
             generator=torch.Generator().manual_seed(cfg.seed),
         )
+        return torch.utils.data.DataLoader(self.dataset, **{**args, **kwargs})
+
+    def __iter__(self):
+        cfg = self.cfg
+        if cfg.mode == "train":  # a new iteration continues where the last one stopped
+            self.dataset.resume_states = dict(self._states)
+            self.dataset.worker_offset = self._batches % max(1, cfg.num_workers)
+        dl = self._dataloader()
         held = buffers.MainBuffers()
         for batch in _bounded(dl, cfg.timeout, self.dataset.rank):
             held.release()  # slots of earlier batches that nothing holds any more go back to their workers
