@@ -1,6 +1,7 @@
 """Loader benchmark: 96³ crops per second from shards vs. the MONAI pipelines a user would pick.
 
-Usage:  python bench/loader.py [--n 8] [--crops 160] [--workers 1 2] [--peers nii persistent cache] [--out .bench/loader]
+Usage:  python bench/loader.py [--n 8] [--crops 160] [--workers 1 2] [--peers nii persistent cache] [--pool]
+        [--out .bench/loader]
 
 What it does, in one run on one machine:
 1. synthesises ``--n`` full-size CT phantoms (fov_scale 1: ~0.6–1.0 mm in-plane, 1.5–5 mm slices);
@@ -186,6 +187,10 @@ def main(argv=None) -> int:
                     help="MONAI pipelines to compare with (default all three; none: the shards only)")
     ap.add_argument("--fresh-buffers", action="store_true",
                     help="the stream without its reusable shared batch buffers (StreamConfig.reuse_buffers=False)")
+    ap.add_argument("--pool", action="store_true",
+                    help="also time the device pool (shards/pool.py) on CPU tensors: workers decode whole volumes, the "
+                         "main process cuts, windows and flips the crops (on a GPU run it does that on the device)")
+    ap.add_argument("--pool-budget", default="2GiB", help="the device pool's size in these rows (default 2GiB)")
     ap.add_argument("--out", default=".bench/loader")
     args = ap.parse_args(argv)
 
@@ -226,6 +231,19 @@ def main(argv=None) -> int:
             results[codec][f"w{w}"] = r
             rows.append(_row(f"shards ({codec}{', fresh buffers' if args.fresh_buffers else ''})", w, r))
             print(rows[-1], flush=True)
+        for w in args.workers if args.pool else []:
+            from medssl.shards.pool import DevicePool
+
+            cfg = shards.StreamConfig(crop_size=CROP, crops_per_volume=K, batch_size=BATCH, num_workers=w,
+                                      flip_prob=0.5, labels=False)
+            r = time_loader(lambda: iter(DevicePool(d, cfg, device="cpu", budget=args.pool_budget, rank=0,
+                                                    world_size=1)), args.crops, args.repeat)
+            r["mb_vol"] = index["bytes"] / index["samples"] / 1e6
+            r["mb_crop"] = r["mb_vol"] / K  # one volume decoded per K crops, as the refresh keeps it
+            r["mb_s"] = r["crops_s"] * r["mb_crop"]
+            results[codec][f"pool_w{w}"] = r
+            rows.append(_row(f"device pool on CPU ({codec}, {args.pool_budget})", w, r))
+            print(rows[-1], flush=True)
     names = {"nii": "MONAI .nii.gz", "persistent": "MONAI PersistentDataset", "cache": "MONAI CacheDataset"}
     for kind in args.peers:
         cache_dir = out / "monai_persistent"
@@ -264,6 +282,10 @@ def main(argv=None) -> int:
             print(f"shards ({best}) : {names[kind]} with {w} worker(s): {a['crops_s'] / b['crops_s']:.2f}x crops/s, "
                   f"{a['crops_cpu_s'] / b['crops_cpu_s']:.2f}x crops per CPU-second, "
                   f"{b['mb_crop'] / a['mb_crop']:.1f}x fewer bytes per crop")
+    for w in args.workers if args.pool else []:
+        a, b = results[best][f"pool_w{w}"], results[best][f"w{w}"]
+        print(f"device pool on CPU : shards ({best}) with {w} worker(s): {a['crops_s'] / b['crops_s']:.2f}x crops/s, "
+              f"{a['crops_cpu_s'] / b['crops_cpu_s']:.2f}x crops per CPU-second")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

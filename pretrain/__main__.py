@@ -198,6 +198,7 @@ def resolve(args) -> tuple:
     from .backbones import build_backbone
     from .config import ConfigError, load_config, set_dotted, task_class
     from .engine import check_batch, deepspeed_config, launcher_world_size, read_deepspeed_json
+    from .train import backbone_kwargs
 
     cfg = load_config(args.recipe, args.overrides, args.preset)
     cfg.data.shards = [str(Path(s)) for s in args.shards]
@@ -220,7 +221,7 @@ def resolve(args) -> tuple:
     plan = plan_run_dir(cfg, args.resume, args.overwrite)
     plan.data = data
     with torch.device("meta"):  # constructor checks (crop vs patch, widths, heads) without allocating
-        backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
+        backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **backbone_kwargs(cfg))
         task_class(cfg.recipe)(backbone, cfg.task)
     if hasattr(task_class(cfg.recipe), "check_config"):  # what the task needs of the data and the batch
         task_class(cfg.recipe).check_config(cfg)

@@ -29,6 +29,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "vit3d_base_p16"
     kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the backbone
+    # activation checkpointing: the first N blocks of the backbone (-1: all) keep no activations and recompute them in
+    # the backward pass (less memory for a larger micro batch, ~1/3 more compute); 0 = off
+    checkpoint_blocks: int = 0
 
 
 @dataclass
@@ -90,6 +93,7 @@ class TrainConfig:
     # seconds one step (forward, backward, gradient all-reduce, optimizer) may take on a rank before its
     # watchdog ends the process naming the ranks that did not answer (checkpoint saves get 3x); NCCL's own default is 600
     collective_timeout: float = 600.0
+    compile: bool = False  # torch.compile the task in place (parameter names, checkpoints and exports unchanged)
     deterministic: bool = False  # torch.use_deterministic_algorithms (GPU); CPU fp32 runs are deterministic anyway
     wandb: str = "offline"  # offline | online | disabled (WANDB_MODE wins when set)
     wandb_project: str = "medssl"

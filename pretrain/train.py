@@ -163,11 +163,19 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def backbone_kwargs(cfg: RunConfig) -> dict:
+    """The backbone's constructor arguments: ``model.kwargs`` and ``model.checkpoint_blocks`` when set."""
+    kw = dict(cfg.model.kwargs)
+    if cfg.model.checkpoint_blocks:
+        kw["checkpoint_blocks"] = int(cfg.model.checkpoint_blocks)
+    return kw
+
+
 def build_task(cfg: RunConfig):
     from .backbones import build_backbone
     from .config import task_class
 
-    backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **cfg.model.kwargs)
+    backbone = build_backbone(cfg.model.backbone, img_size=tuple(cfg.data.crop_size), **backbone_kwargs(cfg))
     task = task_class(cfg.recipe)(backbone, cfg.task)
     if hasattr(task, "configure"):  # contract 3's optional hook: run settings a task reads (e.g. the data window)
         task.configure(cfg)
@@ -224,6 +232,14 @@ def crop_device(cfg: RunConfig, device: torch.device | None = None) -> str:
     return where
 
 
+def crop_place(cfg: RunConfig, device: torch.device) -> str:
+    """Words for the start summary: who cuts the crops."""
+    where = crop_device(cfg, device)
+    if where == "workers":
+        return f"{cfg.data.num_workers} DataLoader worker(s) per rank"
+    return f"the device pool on {where} ({cfg.data.device_pool or DEFAULT_DEVICE_POOL}; workers decode)"
+
+
 def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
     """The run's batches: the crop stream (``shards.stream``), or the device pool (``data.crop_device``)."""
     from medssl import shards
@@ -257,10 +273,11 @@ def summary(cfg: RunConfig, env: engine.DistEnv, task, plan, start: int, resumed
         f"{n_task / 1e6:.2f} M with the pretext heads)",
         f"  world {env.world_size} x {env.device.type}; batch {t.micro_batch} micro x {t.grad_accum} accum x "
         f"{env.world_size} world = {global_batch} global; precision {engine.precision(cfg, env.device)}; "
-        f"ZeRO stage {t.zero_stage}",
+        f"ZeRO stage {t.zero_stage}{'; torch.compile' if t.compile else ''}"
+        f"{f'; activation checkpointing in {cfg.model.checkpoint_blocks} block(s)' if cfg.model.checkpoint_blocks else ''}",
         f"  data: {len(cfg.data.shards)} shard set(s) ({', '.join(cfg.data.shards)}), "
         f"{data.get('volumes', '?')} volumes, {data.get('channels', cfg.model.kwargs.get('in_chans', 1))} channel(s), "
-        f"crop {list(cfg.data.crop_size)}",
+        f"crop {list(cfg.data.crop_size)}; crops cut by {crop_place(cfg, env.device)}",
         f"  steps {start} -> {t.steps}; run dir {cfg.out}; {state}",
     ]
     for key, old, new in getattr(plan, "changed", None) or []:
@@ -314,6 +331,8 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
 
     task = build_task(cfg)
     optimizer = make_optimizer(task.param_groups(cfg.optim.weight_decay), cfg)
+    if t.compile:
+        task.compile()  # in place: the module keeps its parameter names, so checkpoints and exports do not change
     ds_config = engine.deepspeed_config(cfg, env.world_size, env.device, ds_user)
     with engine.quiet():
         eng, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
@@ -370,6 +389,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                 with autocast:
                     out = eng(batch)
                 loss = out["loss"]
+                # the step's one host wait: a non-finite loss is skipped before its backward, on every rank alike
                 bad, stop = engine.all_reduce_flags(0.0 if torch.isfinite(loss.detach()).all() else 1.0,
                                                     1.0 if stopper.requested else 0.0)
                 stopped = stopped or bool(stop)
@@ -385,11 +405,12 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                 bad_in_row = 0
                 eng.backward(loss)
                 eng.step()
-            for k, v in out.items():
-                scalars[k] = scalars.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / t.grad_accum
+            for k, v in out.items():  # kept on the device: read at logging, not every step (no host wait here)
+                scalars[k] = scalars.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else float(v)) / t.grad_accum
         step += 1
         samples += global_batch
         if step % t.log_every == 0 or step == t.steps or stopped:
+            scalars = {k: float(v) for k, v in scalars.items()}
             errors = stream_errors(loader)
             if env.is_main:
                 now = time.time()

@@ -91,6 +91,10 @@ def test_warmup_then_cosine():
     ("train.global_batch=7", "global_batch"),
     ("optim.schedule=linear", "choose cosine, step or constant"),
     (("optim.weight_decay=0", "optim.weight_decay_end=0.2"), "groups at 0 stay at 0"),  # would silently never decay
+    ("data.crop_device=gpu", "data.crop_device='gpu' must be one of"),
+    ("data.crop_device=cuda", "needs a GPU run"),  # this machine has none
+    (("data.crop_device=cpu-pool", "data.device_pool=4 parsecs"), "data.device_pool='4 parsecs' must be"),
+    (("data.crop_device=cpu-pool", "data.partitions=4", "data.crops_per_volume=4"), "cut by the workers"),
 ])
 def test_cli_refuses_bad_settings_before_starting(built, tmp_path, capsys, override, words):
     from medssl.pretrain.__main__ import main
@@ -137,3 +141,11 @@ def test_weight_decay_schedule_is_mambamims():
         assert wd_at(it, cfg) == pytest.approx(want, rel=1e-12, abs=1e-15), it
     assert wd_at(0, cfg) == pytest.approx(0.04) and wd_at(999, cfg) == pytest.approx(0.2)
     assert wd_at(10, load_config("hi_end_mae")) is None  # no end value: the optimizer's constant decay
+
+
+def test_checkpoint_blocks_reach_the_backbone():
+    from medssl.pretrain.train import build_task
+
+    cfg = load_config("hi_end_mae", ["model.checkpoint_blocks=-1"], preset="tiny")
+    assert build_task(cfg).backbone.checkpoint_blocks == -1
+    assert build_task(load_config("hi_end_mae", [], preset="tiny")).backbone.checkpoint_blocks == 0

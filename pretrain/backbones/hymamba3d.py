@@ -23,6 +23,12 @@ LayerNorms leave masked positions at zero, and the Mamba stage runs each sample'
 order) and its masked ones, position embedding only, after them: visible outputs are those of a run on the
 visible tokens alone (the scan is causal) and masked ones have seen every visible token, which is what the
 official code computes (its keep count, summed over the batch, covers every token from 4 crops on).
+
+``checkpoint_blocks`` trades compute for memory: while training with gradients, the first N of the six stages (-1:
+all) run under ``torch.utils.checkpoint`` (non-reentrant) — stages 0-4 are the convolutional levels (a level's
+pooling, MedNeXt blocks and widening conv, and its ``encoder`` block), stage 5 the Mamba stage, one checkpoint
+per Mamba layer. Parameter names, outputs and gradients are unchanged; the setting is a run option, not part of
+``config``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from torch import Tensor
 
 from ..registry import BACKBONES
 from .mamba import Mamba
-from .vit3d import sincos_pos_embed_3d
+from .vit3d import check_checkpoint_blocks, run_checkpointed, sincos_pos_embed_3d
 
 # tensors of the official checkpoint we do not keep: the Mamba blocks' backward branch (built, never used by the
 # one-directional scan: still at their random init in the released file), the pretraining mask token, and the
@@ -128,22 +134,30 @@ class Embeddings(nn.Module):
             setattr(self, f"encoder{i}", ResBlock3d(c[i], c[i]))
         self.down = nn.MaxPool3d(2)
 
-    def forward(self, x: Tensor, active: Tensor | None = None, skip: Sequence[int] = ()) -> list[Tensor | None]:
+    def level(self, k: int, x: Tensor, m: Tensor | None) -> Tensor:
+        """Level ``k`` of the main path: 0 = stem and expend1; 1-4 = pool, MedNeXt blocks, widen (not after layer5)."""
+        if k == 0:
+            return _masked(self.expend1(_masked(self.stem(_masked(x, m)), m)), m)
+        x = _masked(self.down(x), m)
+        for block in getattr(self, f"layer{k + 1}"):
+            x = block(x, m)
+        return _masked(getattr(self, f"expend{k + 1}")(x), m) if k < 4 else x
+
+    def forward(self, x: Tensor, active: Tensor | None = None, skip: Sequence[int] = (),
+                checkpoint_levels: int = 0) -> list[Tensor | None]:
+        """``[encoder1(x1raw), …, encoder4(x4raw), x5]``; ``checkpoint_levels`` N: levels 0 … N-1 (-1: all) and
+        their encoder blocks under activation checkpointing."""
         size = x.shape[2:]
         mask = lambda k: upsample_mask(active, [s // 2 ** k for s in size])  # noqa: E731
-        m = mask(0)
-        x = _masked(x, m)
-        x = _masked(self.expend1(_masked(self.stem(x), m)), m)
-        raw = [x]
-        for k in range(1, 5):  # levels 1..4: pool, MedNeXt blocks, widen (not after layer5)
-            m = mask(k)
-            x = _masked(self.down(x), m)
-            for block in getattr(self, f"layer{k + 1}"):
-                x = block(x, m)
+        ckpt = lambda k: checkpoint_levels < 0 or k < checkpoint_levels  # noqa: E731
+        raw = []
+        for k in range(5):
+            x = run_checkpointed(self.level, k, x, mask(k), checkpointed=ckpt(k))  # [B, c_k, X/2^k, Y/2^k, Z/2^k]
             if k < 4:
-                x = _masked(getattr(self, f"expend{k + 1}")(x), m)
                 raw.append(x)
-        skips = [None if i in skip else getattr(self, f"encoder{i + 1}")(r, mask(i)) for i, r in enumerate(raw)]
+        skips = [None if i in skip else run_checkpointed(getattr(self, f"encoder{i + 1}"), r, mask(i),
+                                                          checkpointed=ckpt(i))
+                 for i, r in enumerate(raw)]
         return skips + [x]
 
 
@@ -185,7 +199,8 @@ class MambaStage(nn.Module):
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
 
-    def forward(self, x: Tensor, active: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, active: Tensor | None = None, checkpointed: bool = False) -> Tensor:
+        """The Mamba layers on the token grid; ``checkpointed``: each layer under activation checkpointing."""
         B, C = x.shape[:2]
         if tuple(x.shape[2:]) != self.grid:
             raise ValueError(f"Mamba stage grid {tuple(x.shape[2:])} != {self.grid}: build hymamba3d with the crop size "
@@ -193,7 +208,7 @@ class MambaStage(nn.Module):
         t = x.flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # [B, N, C], raster order
         if active is None:
             for blk in self.blocks:
-                t = blk(t)
+                t = run_checkpointed(blk, t, checkpointed=checkpointed)
             return t.transpose(1, 2).reshape(x.shape)
         # Masked: every sample's visible tokens first, in raster order, then its masked ones (which hold only the
         # position embedding, the convolution stages having zeroed them). The scan is causal, so a visible token's
@@ -202,12 +217,14 @@ class MambaStage(nn.Module):
         # which from 4 crops on is every token, and orders them by an unstable argsort (visible first); here the
         # order is per sample and stable, and the mask token it would append is never needed.
         vis = active.flatten(1)  # [B, N] bool
-        if vis.device.type != "meta" and not bool(vis.any(1).all()):  # (meta: --dry-run traces shapes only)
+        if vis.device.type == "cuda":  # checked on the device: no host wait inside the training step
+            torch._assert_async(vis.any(1).all(), "every sample needs at least one visible token")
+        elif vis.device.type != "meta" and not bool(vis.any(1).all()):  # (meta: --dry-run traces shapes only)
             raise ValueError(f"every sample needs at least one visible token (visible per sample: {vis.sum(1).tolist()})")
         order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[..., None].expand(-1, -1, C)
         seq = torch.gather(t, 1, order)
         for blk in self.blocks:
-            seq = blk(seq)
+            seq = run_checkpointed(blk, seq, checkpointed=checkpointed)
         out = torch.empty_like(seq).scatter_(1, order, seq)
         return out.transpose(1, 2).reshape(x.shape)
 
@@ -216,8 +233,11 @@ class HyMamba3D(nn.Module):
     def __init__(self, img_size: int | Sequence[int] = 96, in_chans: int = 1,
                  channels: Sequence[int] = (32, 64, 128, 192, 384), depths: Sequence[int] = (1, 2, 2, 2, 1),
                  exp_r: Sequence[int] = (2, 2, 4, 4, 4), mamba_depth: int = 4, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2):
+                 expand: int = 2, checkpoint_blocks: int = 0):
         super().__init__()
+        # 0 off, N > 0 the first N of the 6 stages, -1 all (module docstring); an attribute, not in config
+        self.checkpoint_blocks = check_checkpoint_blocks(checkpoint_blocks, "stages (5 convolutional levels, then the "
+                                                                            "Mamba stage)")
         size = (int(img_size),) * 3 if isinstance(img_size, (int, float)) else tuple(int(s) for s in img_size)
         if len(size) != 3 or any(s % 16 or s < 16 for s in size):
             raise ValueError(f"img_size {img_size!r}: hymamba3d needs sides that are multiples of 16 (its deepest grid "
@@ -254,8 +274,9 @@ class HyMamba3D(nn.Module):
             raise ValueError(f"input of spatial size {tuple(x.shape[2:])}: sides must be multiples of 16")
         if active is not None and tuple(active.shape[2:]) != tuple(s // 16 for s in x.shape[2:]):
             raise ValueError(f"active {tuple(active.shape)} must be [B, 1, X/16, Y/16, Z/16]")
-        feats = self.embeddings(x, active, skip)
-        feats[-1] = self.mae(feats[-1], active)
+        n_ckpt = self.checkpoint_blocks if self.training and torch.is_grad_enabled() else 0
+        feats = self.embeddings(x, active, skip, checkpoint_levels=n_ckpt)
+        feats[-1] = self.mae(feats[-1], active, checkpointed=n_ckpt < 0 or n_ckpt > 5)
         return feats
 
     def forward(self, x: Tensor) -> list[Tensor]:

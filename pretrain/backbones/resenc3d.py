@@ -9,6 +9,11 @@ level, ``[B, channels[i], X/2^i, Y/2^i, Z/2^i]``, not normalised (the next layer
 
 FMUNet itself has 2 single-conv residual units per level: ``blocks_per_level=2, convs_per_block=1``.
 
+``checkpoint_blocks`` trades compute for memory: the first N levels (-1: all; a level is its strided conv and its
+residual blocks, the stem stays outside) run under ``torch.utils.checkpoint`` (non-reentrant) while training with
+gradients. Parameter names, outputs and gradients are unchanged; the setting is a run option, not part of
+``config``.
+
 Both decoders (``DECODERS.build(name, feature_channels=…, feature_strides=…, out_channels=K)``) fit any backbone
 whose feature strides double level to level; the class head ``head`` holds the only parameters that depend on
 ``out_channels``.
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import BACKBONES, DECODERS
+from .vit3d import check_checkpoint_blocks, run_checkpointed
 
 NEG_SLOPE = 0.01
 
@@ -95,12 +101,15 @@ class ResEnc3D(nn.Module):
 
     ``img_size`` (int or 3 ints) is only checked: each side must be a multiple of ``2 ** (levels - 1)``.
     ``dropout``: one probability, or one per level; ``None`` is FMUNet's [0, 0, 0.2, 0.2, …].
+    ``checkpoint_blocks``: 0 off, N > 0 the first N levels, -1 every level under activation checkpointing when
+    training with gradients (an attribute that may also be set after construction).
     """
 
     def __init__(self, img_size: int | Sequence[int] = 96, in_chans: int = 1,
                  channels: Sequence[int] = (32, 64, 128, 256, 512), blocks_per_level: int = 2,
-                 convs_per_block: int = 2, dropout: float | Sequence[float] | None = None):
+                 convs_per_block: int = 2, dropout: float | Sequence[float] | None = None, checkpoint_blocks: int = 0):
         super().__init__()
+        self.checkpoint_blocks = check_checkpoint_blocks(checkpoint_blocks, "levels")  # not in config
         chans = _check_widths(channels, int(blocks_per_level), int(convs_per_block))
         if dropout is None:  # FMUNet: none in the two finest levels, 0.2 below
             dropout = [0.0 if i < 2 else 0.2 for i in range(len(chans))]
@@ -152,15 +161,21 @@ class ResEnc3D(nn.Module):
         _check_size(tuple(x.shape[2:]), self.divisor, "input of spatial size")
         feats = []
         x = self.stem(x)  # [B, c0, X, Y, Z]
-        for stage in self.stages:
-            if hasattr(stage, "down"):
-                x = stage.down(x)  # [B, c_i, X/2^i, Y/2^i, Z/2^i]
-            x = stage.blocks(x)
+        n_ckpt = self.checkpoint_blocks if self.training and torch.is_grad_enabled() else 0
+        for i, stage in enumerate(self.stages):
+            x = run_checkpointed(_run_level, stage, x, checkpointed=n_ckpt < 0 or i < n_ckpt)  # [B, c_i, X/2^i, …]
             feats.append(x)
         return feats
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.forward_features(x)
+
+
+def _run_level(stage: nn.Module, x: Tensor) -> Tensor:
+    """One encoder level: the strided conv (every level but the first) and the residual blocks."""
+    if hasattr(stage, "down"):
+        x = stage.down(x)  # [B, c_i, X/2^i, Y/2^i, Z/2^i]
+    return stage.blocks(x)
 
 
 def _check_size(size, divisor: int, what: str) -> None:

@@ -11,6 +11,11 @@ authors' Hi-End-MAE encoder loads key for key. The position embedding is a non-p
 from ``img_size``: it is never in the state dict, and the same weights load at any crop size. Fine-tuning
 builds the ViT as the official UNETR does: ``pos_embed="learned"`` (a parameter that starts as the sin-cos) and
 ``cls_token=False``.
+
+``checkpoint_blocks`` trades compute for memory: the first N transformer blocks (-1: all) run under
+``torch.utils.checkpoint`` (non-reentrant) while training with gradients, so their activations are recomputed in
+the backward pass instead of kept. Parameter names, outputs and gradients are those of the plain model; the
+setting is a run option, not part of ``config`` (an export never carries it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -46,6 +52,22 @@ def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int, temperature: float
     return torch.cat(parts, dim=1)  # [G, dim]
 
 
+def check_checkpoint_blocks(value, units: str) -> int:
+    """``checkpoint_blocks`` as an int: 0 (off), N > 0 (the first N ``units``) or -1 (all of them)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(f"checkpoint_blocks {value!r} must be 0 (off), N > 0 (checkpoint the first N {units}) or -1 "
+                         f"(all {units}), e.g. checkpoint_blocks=-1")
+    return int(value)
+
+
+def run_checkpointed(fn, *args, checkpointed: bool):
+    """``fn(*args)``, under non-reentrant activation checkpointing when ``checkpointed``: the activations inside
+    ``fn`` are recomputed in the backward pass (the RNG state is replayed, so dropout draws the same masks)."""
+    if checkpointed:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 def default_out_indices(depth: int) -> tuple[int, ...]:
     """UNETR's taps: the outputs of blocks ``depth/4 + 1``, ``depth/2 + 1``, ``3·depth/4 + 1`` (zero-based
     ``k·depth // 4``): (3, 6, 9) for 12 blocks, (1, 2, 3) for 4; none for ``depth == 0``."""
@@ -54,12 +76,15 @@ def default_out_indices(depth: int) -> tuple[int, ...]:
 
 class ViT3D(nn.Module):
     """3D ViT encoder. Contract 2 (docs/DESIGN.md): ``forward_features(x, keep=None) -> list[Tensor]`` and
-    ``feature_channels`` / ``feature_strides`` (one entry per returned feature)."""
+    ``feature_channels`` / ``feature_strides`` (one entry per returned feature).
+
+    ``checkpoint_blocks``: 0 off, N > 0 the first N blocks, -1 every block under activation checkpointing when
+    training with gradients (an attribute that may also be set after construction)."""
 
     def __init__(self, img_size: int | tuple[int, int, int] = 96, patch_size: int = 16, in_chans: int = 1,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path_rate: float = 0.0, out_indices=(3, 6, 9), cls_token: bool = True,
-                 pos_embed: str = "fixed"):
+                 pos_embed: str = "fixed", checkpoint_blocks: int = 0):
         super().__init__()
         size = (int(img_size),) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         out_indices = tuple(int(i) for i in out_indices)
@@ -75,6 +100,7 @@ class ViT3D(nn.Module):
         if pos_embed != "fixed":  # the default stays out of the config, so exports read as before
             self._config["pos_embed"] = pos_embed
         self.learned_pos_embed = pos_embed == "learned"
+        self.checkpoint_blocks = check_checkpoint_blocks(checkpoint_blocks, "transformer blocks")  # not in config
         self.img_size, self.patch_size, self.embed_dim = size, int(patch_size), int(embed_dim)
         self.grid_size = tuple(s // self.patch_size for s in size)
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
@@ -152,8 +178,9 @@ class ViT3D(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, 1 + K, D]
         taps = {}
+        n_ckpt = self.checkpoint_blocks if self.training and torch.is_grad_enabled() else 0
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = run_checkpointed(blk, x, checkpointed=n_ckpt < 0 or i < n_ckpt)  # [B, prefix + K, D]
             if i in self.out_indices:
                 taps[i] = x
         return [taps[i] for i in self.out_indices] + [self.norm(x)]
