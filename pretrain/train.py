@@ -225,7 +225,9 @@ def crop_device(cfg: RunConfig, device: torch.device | None = None) -> str:
     if d.crop_device == "cuda" and device is not None and not on_gpu:
         raise ConfigError(f"data.crop_device=cuda needs a GPU run; this run trains on {device.type}: use "
                           "data.crop_device=cpu (or auto)")
-    where = {"cpu": "workers", "cpu-pool": "cpu", "cuda": "cuda", "auto": "cuda" if on_gpu else "workers"}[d.crop_device]
+    if d.crop_device == "auto":  # partitioned crops (contrastive) are the workers' only
+        return "cuda" if on_gpu and not d.partitions else "workers"
+    where = {"cpu": "workers", "cpu-pool": "cpu", "cuda": "cuda"}[d.crop_device]
     if where != "workers" and d.partitions:
         raise ConfigError(f"data.crop_device={d.crop_device}: partitioned crops (data.partitions={d.partitions}) are "
                           "cut by the workers; use data.crop_device=cpu")
@@ -406,7 +408,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
                 eng.backward(loss)
                 eng.step()
             for k, v in out.items():  # kept on the device: read at logging, not every step (no host wait here)
-                scalars[k] = scalars.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else float(v)) / t.grad_accum
+                scalars[k] = scalars.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v)) / t.grad_accum
         step += 1
         samples += global_batch
         if step % t.log_every == 0 or step == t.steps or stopped:

@@ -162,7 +162,9 @@ def grid_labels(b: int, size, k: int, block_min, block_max, fg_ratio: float, gen
     off = torch.floor(torch.rand(b, 3, generator=gen, device=device) * (size_t % bs + 1)).long()  # [B, 3]
     if record is not None:
         record.update(block=bs, blocks=nb, offset=off)
-    nmax = [int(n) for n in nb.max(0).values]
+    # the bound on whole blocks per axis (size // block_min), not this batch's maximum: shapes fixed in advance,
+    # so the step never waits for the device to say how many blocks it drew
+    nmax = [int(sz) // max(1, int(m)) for sz, m in zip(size, block_min)]
     idx, inside = [], []
     for a in range(3):
         v = torch.arange(size[a], device=device)[None] - off[:, a:a + 1]  # [B, S_a]

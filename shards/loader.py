@@ -537,6 +537,7 @@ class ShardLoader:
         world size, worker count, seed, shard set or crop settings cannot be matched slot for slot: the
         stream then starts the epoch after the saved one, and says so."""
         check_state(state)
+        self.resumed_exact = False
         workers = {int(w): st for w, st in state.get("workers", state.get("cursors", {})).items()}
         same = (state.get("version") == STATE_VERSION
                 and (state.get("world_size"), state.get("num_workers"), state.get("seed"), state.get("fingerprint"))

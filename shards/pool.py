@@ -9,8 +9,10 @@ the crop) travels to the training process, pinned, and is copied into one flat b
 * ``batch_size / crops_per_volume`` new volumes replace old ones (on average each volume gives
   ``crops_per_volume`` crops, as on the worker path), copied on their own CUDA stream;
 * ``batch_size`` crops are drawn on the host from the resident volumes — body-biased origins
-  (:func:`~medssl.shards.crops.sample_origins`), flips/rot90 and the intensity jitter, with the same functions and
-  per-volume generators as the worker path — and cut on the device in one gather whose indices are pure arithmetic
+  (:func:`~medssl.shards.crops.sample_origins`), flips/rot90 and the intensity jitter, with the worker path's
+  functions and its per-volume generator seeds (each crop's origin is drawn when the crop is, so the sequences
+  differ from the worker path's, and a volume gives ``crops_per_volume`` crops on average, not exactly) — and cut
+  on the device in one gather whose indices are pure arithmetic
   (flips and quarter turns included, :func:`~medssl.shards.crops.plane_map`), then windowed and jittered there.
 
 The batch dict is the stream's (``image`` already on the device, ``key``, ``origin`` in stored-volume voxels, ``flip``,
@@ -47,9 +49,9 @@ _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**
 def parse_budget(value) -> tuple[str, int]:
     """``("volumes", N)`` for a count (``16``, ``"16"``) or ``("bytes", B)`` for a size (``"4GiB"``, ``"500 MB"``);
     raises ``ValueError`` naming the accepted forms."""
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, int):
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
             raise ValueError(f"device_pool={value} must be at least 1 volume")
         return "volumes", value
@@ -194,7 +196,7 @@ class DevicePool:
         r, w = _rank_world(rank, world_size)
         self.source = _VolumeSource(dirs, cfg, r, w)
         self.loader = _VolumeLoader(self.source, pin=self.device.type == "cuda",
-                                    layout={"budget": str(budget), "crop_size": list(cfg.crop_size)})
+                                    layout={"budget": [self.kind, amount], "crop_size": list(cfg.crop_size)})
         self.arena: torch.Tensor | None = None
         self.residents: list[_Resident] = []
         self.head = 0
@@ -272,6 +274,9 @@ class DevicePool:
             raise ValueError(f"shards.pool: volume {item['key']!r} is {img.dtype} and the pool holds "
                              f"{self.arena.dtype}: one pool holds one stored dtype (CT int16 or MRI float16); stream "
                              "mixed sets with crop_device=cpu")
+        if self.residents and img.shape[0] != self.residents[0].shape[0]:
+            raise ValueError(f"shards.pool: volume {item['key']!r} has {img.shape[0]} channel(s), the pool's volumes "
+                             f"{self.residents[0].shape[0]}: stream shard sets with one channel count together")
         n = img.numel()
         if n > self.capacity:
             raise ValueError(f"shards.pool: volume {item['key']!r} ({n * img.element_size() / 2**20:.0f} MiB padded) "
@@ -308,19 +313,36 @@ class DevicePool:
         return evicted
 
     def _restore(self, saved: dict) -> None:
-        """Re-read the saved resident volumes from their shards into their saved places."""
+        """Re-read the saved resident volumes from their shards into their saved places; a saved pool that does not
+        fit this one (another arena size, a rebuilt shard set, a damaged state) is dropped with a message and the pool
+        fills afresh from where the workers stand."""
+        try:
+            self._restore_exactly(saved)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            print(f"shards.pool: the saved pool cannot be restored ({exc}); filling a fresh pool from the saved stream "
+                  "position", file=sys.stderr, flush=True)
+            self.residents, self.head, self.acc = [], 0, 0.0
+
+    def _restore_exactly(self, saved: dict) -> None:
         errors = _ErrorLog(echo=False)
         raws = self.source._fetch([tuple(r["id"]) for r in saved["residents"]])
         for r in saved["residents"]:
             raw = raws.get(tuple(r["id"]))
             dec = self.source._decode(raw, errors) if raw is not None else None
             if dec is None:
-                print(f"shards.pool: sample {r['id']} of the resumed pool is no longer readable; the pool goes on "
-                      "without it", file=sys.stderr, flush=True)
+                print(f"shards.pool: {self.source.shard_name(int(r['id'][0]))} sample {r['id'][1]} of the resumed pool is "
+                      "no longer readable; the pool goes on without it (`python -m medssl.shards verify` the set)",
+                      file=sys.stderr, flush=True)
                 continue
             vol = (int(r["epoch"]), int(r["ordinal"]), *dec)
             item = prepare(self.source, vol, r["id"], int(r["worker"]))
-            self._admit(item, start=int(r["start"]), rng_state=r["rng"])
+            if self.arena is None:
+                self._allocate(item["image"].dtype)
+            start, n = int(r["start"]), item["image"].numel()
+            if self.arena.numel() != saved["capacity"] or not 0 <= start <= self.arena.numel() - n:
+                raise ValueError(f"volume {r['id']} does not fit at its saved place (saved arena "
+                                 f"{saved['capacity']} elements, this one {self.arena.numel()})")
+            self._admit(item, start=start, rng_state=r["rng"])
         self.head = int(saved["head"])
         self.rng.bit_generator.state = saved["rng"]
         self.acc = float(saved["acc"])
@@ -333,6 +355,11 @@ class DevicePool:
         while len(self.residents) < target:
             if self._admit(next(volumes)):
                 break
+        per_step = math.ceil(self.cfg.batch_size / self.cfg.crops_per_volume)
+        if per_step >= len(self.residents) and self.source.rank == 0:
+            print(f"shards.pool: the pool holds {len(self.residents)} volume(s) and every step replaces {per_step} "
+                  f"(batch {self.cfg.batch_size} / crops_per_volume {self.cfg.crops_per_volume}): volumes leave before "
+                  "they give their crops; raise data.device_pool or data.crops_per_volume", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------- crops
     def draw(self, n: int) -> list[tuple]:
@@ -377,9 +404,11 @@ class DevicePool:
                          int(lin[2]), X * Y * Z])
             floats.append(list(e.scale) + list(e.shift) + [factor, offset])
         b = len(draws)
-        iv = self._small(ints, torch.int64).view(b, 5, 1, 1, 1, 1)
+        small = torch.int32 if self.arena.numel() < 2**31 else torch.int64
+        iv = self._small(ints, small).view(b, 5, 1, 1, 1, 1)
         fv = self._small(floats, torch.float32)
-        ar = torch.arange(max(cx, cy, cz, c), device=self.device)
+        ar = torch.arange(max(cx, cy, cz, c), device=self.device, dtype=small)
+        # B·C·X·Y·Z indices (int32 while the arena allows: 4 bytes per voxel of the batch, beside its float32 crops)
         idx = (iv[:, 0] + iv[:, 4] * ar[:c].view(1, c, 1, 1, 1) + iv[:, 1] * ar[:cx].view(1, 1, cx, 1, 1)
                + iv[:, 2] * ar[:cy].view(1, 1, 1, cy, 1) + iv[:, 3] * ar[:cz].view(1, 1, 1, 1, cz))
         if self._cuda:
@@ -387,7 +416,7 @@ class DevicePool:
             if self._copy_pending:  # volumes copied since the last gather must have landed
                 cur.wait_event(self._copied)
                 self._copy_pending = False
-        img = self.arena.take(idx).float()
+        img = self.arena.index_select(0, idx.view(-1)).view(idx.shape).float()
         view = (b, c, 1, 1, 1)
         img.mul_(fv[:, :c].reshape(view)).add_(fv[:, c:2 * c].reshape(view))  # Window.apply: x * scale + shift
         if cfg.window.clip:

@@ -37,22 +37,49 @@ def _same(a: dict, b: dict) -> bool:
             and torch.equal(a["intensity"], b["intensity"]))
 
 
-def test_pool_crops_equal_the_worker_path_voxel_for_voxel(built):
+@pytest.fixture(scope="module")
+def two_sequence_mri(tmp_path_factory):
+    """Three float16 MRI phantoms with two sequences each (T1, and a flipped half-scale T2), own window per channel."""
+    import nibabel as nib
+
+    from medssl.shards.build import BuildConfig, build
+    from medssl.shards.synth import synth_dataset
+
+    raw = tmp_path_factory.mktemp("pool_mr") / "Dataset951_TwoSeq"
+    synth_dataset(raw, n=3, seed=6, modality="MR", fov_scale=0.3, progress=False)
+    for f in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
+        img = nib.load(str(f))
+        second = np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[::-1] * 0.5)
+        nib.save(nib.Nifti1Image(second, img.affine), str(f).replace("_0000.nii.gz", "_0001.nii.gz"))
+    desc = json.loads((raw / "dataset.json").read_text())
+    desc["channel_names"] = {"0": "T1", "1": "T2"}
+    (raw / "dataset.json").write_text(json.dumps(desc))
+    out = tmp_path_factory.mktemp("pool_mr_shards")
+    build(BuildConfig(inputs=[str(raw)], shard_size="200k"), out, workers=1, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("case", ["ct-cube", "ct-not-square", "ct-padded", "mri-two-sequences"])
+def test_pool_crops_equal_the_worker_path_voxel_for_voxel(built, two_sequence_mri, case):
     """Every volume of the set made resident; each crop of the worker path (origins, flips, quarter turns and jitter
-    as it drew them) cut again from the pool by index arithmetic: equal voxel for voxel."""
+    as it drew them) cut again from the pool by index arithmetic: equal voxel for voxel. Cases: a cube (all quarter
+    turns), a crop whose X–Y plane is not square (half turns only), a crop larger than the volumes (padding), and
+    float16 MRI with two sequences (a window per channel)."""
     from medssl import shards
 
-    cfg = _cfg()
-    pool = DevicePool(built, cfg, budget="256MiB", rank=0, world_size=1)
+    crop, root = {"ct-cube": (CROP, built), "ct-not-square": ((20, 28, 16), built), "ct-padded": ((56, 56, 48), built),
+                  "mri-two-sequences": (CROP, two_sequence_mri)}[case]
+    cfg = _cfg(crop_size=crop)
+    pool = DevicePool(root, cfg, budget="256MiB", rank=0, world_size=1)
+    raws = [raw for s in load_index(root)["shards"] for raw in iter_tar(Path(root) / s["name"], print)]
     by_key = {}
-    raws = [raw for s in load_index(built)["shards"] for raw in iter_tar(Path(built) / s["name"], print)]
     for i, raw in enumerate(raws):
         vol = (0, i, *pool.source._decode(raw, None))
         pool._admit(prepare(pool.source, vol, (0, i), 0))
         by_key[pool.residents[-1].key] = pool.residents[-1]
-    assert len(by_key) == len(pool.residents) == 6
-    turns, flips, jittered, n = set(), 0, 0, 0
-    for _, batch in zip(range(12), shards.stream([str(built)], cfg, rank=0, world_size=1)):
+    assert len(by_key) == len(pool.residents) == len(raws)
+    turns, flips, jittered, padded, n = set(), 0, 0, 0, 0
+    for _, batch in zip(range(12), shards.stream([str(root)], cfg, rank=0, world_size=1)):
         for b in range(len(batch["key"])):
             e = by_key[batch["key"][b]]
             origin = batch["origin"][b].numpy() + e.pad
@@ -63,8 +90,14 @@ def test_pool_crops_equal_the_worker_path_voxel_for_voxel(built):
             turns.add(int(batch["rot90"][b]))
             flips += int(batch["flip"][b].any())
             jittered += factor != 1.0 or offset != 0.0
+            padded += int(e.pad.any())
             n += 1
-    assert n == 48 and turns == {0, 1, 2, 3} and flips > 10 and jittered > 10  # every case was exercised
+    assert n == 48 and flips > 10 and jittered > 10  # every case was exercised
+    assert turns == ({0, 2} if case == "ct-not-square" else {0, 1, 2, 3})
+    assert (padded > 0) == (case == "ct-padded")
+    if case == "mri-two-sequences":
+        e = next(iter(by_key.values()))
+        assert pool.arena.dtype == torch.float16 and e.shape[0] == 2 and e.scale[0] != e.scale[1]
 
 
 def test_a_fixed_seed_draws_the_same_crops_twice_and_another_seed_others(built):
@@ -112,7 +145,7 @@ def test_budget_forms():
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_saved_state_continues_the_sequence(built, workers):
+def test_a_saved_state_continues_the_sequence(built, workers, capsys):
     pool = DevicePool(built, _cfg(num_workers=workers), budget="24MiB", rank=0, world_size=1)
     it = iter(pool)
     for _ in range(5):
@@ -128,7 +161,19 @@ def test_a_saved_state_continues_the_sequence(built, workers):
     # another pool size cannot continue slot for slot: a fresh pool at the next epoch
     other = DevicePool(built, _cfg(num_workers=workers), budget="12MiB", rank=0, world_size=1)
     other.load_state_dict(state)
-    assert not other.loader.resumed_exact and other.state_dict()["pool"]["residents"] == []
+    assert not other.loader.resumed_exact
+    next(iter(other))
+    saved_epoch = max(st["epoch"] for st in state["workers"].values())
+    assert min(st["epoch"] for st in other.state_dict()["workers"].values()) >= saved_epoch + 1
+    assert f"starting at epoch {saved_epoch + 1}" in capsys.readouterr().err
+    # a saved pool that no longer fits its arena (here: its capacity altered) is dropped for a fresh one, not trusted
+    bad = json.loads(json.dumps(state))
+    bad["pool"]["capacity"] += 1
+    refilled = DevicePool(built, _cfg(num_workers=workers), budget="24MiB", rank=0, world_size=1)
+    refilled.load_state_dict(bad)
+    assert refilled.loader.resumed_exact
+    next(iter(refilled))
+    assert "the saved pool cannot be restored" in capsys.readouterr().err and refilled.residents
 
 
 def test_partitions_and_eval_are_refused(built):

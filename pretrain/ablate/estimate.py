@@ -98,6 +98,7 @@ def _time_data(cfg, batches: int = 4) -> float:
 
     c = copy.deepcopy(cfg)
     c.data.num_workers = 0
+    c.data.crop_device = "cpu"  # timed here, on this machine's CPU: the workers' path
     try:
         it = iter(make_stream(c, DistEnv(0, 1, 0, torch.device("cpu")), 0))
         next(it)  # the first volumes: decode + pool
