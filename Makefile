@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,dicom]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dicom,nnunet]'
 	touch $(STAMP)
 
 demo: $(STAMP)

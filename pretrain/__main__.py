@@ -27,6 +27,8 @@ COMMANDS = """commands:
   train RECIPE ...   pretrain a recipe on shard sets (`train` may be left out: python -m medssl.pretrain hi_end_mae ...)
   export RUN_DIR     consolidate a run's checkpoint into export/backbone.safetensors + manifest.json
   import NAME CKPT   convert an official released checkpoint into an export
+  nnunet-overrides PLANS [CONFIGURATION]
+                     the overrides that pretrain nnU-Net's own network for these plans (backbone, CT window, spacing)
   list               recipes (with presets) and backbones (with parameter counts)
   demo               the README's demo: phantoms -> shards -> pretraining -> export -> fine-tuning
   ablate FILE        a grid of pretraining cells x fine-tuning runs vs scratch: one table with error bars
@@ -344,15 +346,28 @@ def main(argv=None) -> int:
         p.add_argument("run_dir")
         p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
         p.add_argument("--out", help="export folder (default RUN_DIR/export)")
+        p.add_argument("--format", action="append", choices=["medssl", "nnunet"], default=[],
+                       help="also write the export in another framework's format (repeatable): nnunet = "
+                            "export/nnunet_pretrained.pth, the file `nnUNetv2_train … -pretrained_weights` loads "
+                            "(runs with model.backbone=nnunet_resenc or nnunet_plain); the medssl export is always "
+                            "written")
         a = p.parse_args(argv[1:])
         from .config import ConfigError
         from .export import export_run
 
         try:
-            export_run(a.run_dir, a.tag, a.out)
+            dest = export_run(a.run_dir, a.tag, a.out)
+            if "nnunet" in a.format:
+                from .nnunet_format import export_nnunet
+
+                export_nnunet(dest)
         except (ConfigError, ValueError) as exc:
             return _error(str(exc))
         return 0
+    if argv[0] == "nnunet-overrides":
+        from .backbones.nnunet import main as nnunet_main
+
+        return nnunet_main(argv[1:])
     if argv[0] == "import":
         from .importers import main as import_main
 

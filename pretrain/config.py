@@ -9,6 +9,7 @@ config is written into the run dir, every checkpoint and the export manifest.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -194,6 +195,19 @@ def merge(obj, values: dict, where: str = ""):
 def set_dotted(obj, dotted: str, value) -> None:
     """``set_dotted(cfg, "optim.lr", 2e-4)``."""
     parts = dotted.split(".")
+    holder = obj
+    for i, name in enumerate(parts[:-1]):  # a key inside a dict field (model.kwargs.plans=…) adds to that dict
+        holder = getattr(holder, name, None) if dataclasses.is_dataclass(holder) else None
+        if isinstance(holder, dict):
+            new = copy.deepcopy(holder)
+            node = new
+            for q in parts[i + 1:-1]:
+                if not isinstance(node.get(q), dict):
+                    node[q] = {}
+                node = node[q]
+            node[parts[-1]] = value
+            parts, value = parts[:i + 1], new
+            break
     nested: dict = {}
     cur = nested
     for p in parts[:-1]:

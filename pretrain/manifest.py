@@ -150,6 +150,12 @@ BACKBONE_KWARGS: dict[str, Field] = {
     "d_state": _int(lo=1, hi=256, required=False),
     "d_conv": _int(lo=1, hi=16, required=False),
     "expand": _int(lo=1, hi=8, required=False),
+    # nnunet_resenc / nnunet_plain: the plans' architecture block (classes of dynamic_network_architectures and torch.nn
+    # only, checked when built), the plans' name and configuration it came from
+    "architecture": Field("dict", required=False, keys=("network_class_name", "arch_kwargs", "_kw_requires_import")),
+    "plans_name": Field("str", required=False, hi=256),
+    "configuration": Field("str", required=False, hi=256),
+    "dataset_name": Field("str", required=False, hi=256),
 }
 
 # Keyword arguments of the registered decoders a component may name.
@@ -161,6 +167,13 @@ DECODER_KWARGS: dict[str, dict[str, Field]] = {
         "blocks_per_level": _int(lo=1, hi=32, required=False),
         "convs_per_block": _int(lo=1, hi=8, required=False),
         "dropout": Field("probs", lo=0.0, hi=1.0, length=(1, 12), required=False),
+    },
+    "nnunet": {
+        "feature_channels": _ints(1, 8192, (1, 12)),
+        "feature_strides": _ints(1, 4096, (1, 12)),
+        "out_channels": _int(lo=1, hi=1024),
+        "architecture": Field("dict", keys=("network_class_name", "arch_kwargs", "_kw_requires_import")),
+        "in_chans": _int(lo=1, hi=MAX_CHANNELS, required=False),
     },
     "fmunet": {
         "feature_channels": _ints(1, 8192, (1, 12)),

@@ -6,6 +6,7 @@ Importing this package imports every backbone module, so that each registers its
 
 from ..registry import BACKBONES
 from . import hymamba3d  # noqa: F401  (registers hymamba3d*)
+from . import nnunet  # noqa: F401  (registers nnunet_resenc, nnunet_plain and the nnunet decoder)
 from . import resenc3d  # noqa: F401  (registers resenc3d*, decoders fmunet and unet3d)
 from . import vit3d  # noqa: F401  (registers vit3d_*)
 from .vit3d import ViT3D, sincos_pos_embed_3d
