@@ -346,11 +346,14 @@ def main(argv=None) -> int:
         p.add_argument("run_dir")
         p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
         p.add_argument("--out", help="export folder (default RUN_DIR/export)")
-        p.add_argument("--format", action="append", choices=["medssl", "nnunet"], default=[],
+        p.add_argument("--format", action="append", choices=["medssl", "nnunet", "monai"], default=[],
                        help="also write the export in another framework's format (repeatable): nnunet = "
                             "export/nnunet_pretrained.pth, the file `nnUNetv2_train … -pretrained_weights` loads "
-                            "(runs with model.backbone=nnunet_resenc or nnunet_plain); the medssl export is always "
-                            "written")
+                            "(runs with model.backbone=nnunet_resenc or nnunet_plain); monai = export/monai_unetr.pt, "
+                            "the state dict of monai.networks.nets.UNETR (vit3d_base_p16 layouts; --monai-network vit "
+                            "for other ViT sizes) and the lines that load it; the medssl export is always written")
+        p.add_argument("--monai-network", choices=["unetr", "vit"], default="unetr",
+                       help="with --format monai: UNETR (encoder filled, its decoder new) or ViT (loads strictly)")
         a = p.parse_args(argv[1:])
         from .config import ConfigError
         from .export import export_run
@@ -361,6 +364,10 @@ def main(argv=None) -> int:
                 from .nnunet_format import export_nnunet
 
                 export_nnunet(dest)
+            if "monai" in a.format:
+                from .monai_format import export_monai
+
+                export_monai(dest, network=a.monai_network)
         except (ConfigError, ValueError) as exc:
             return _error(str(exc))
         return 0

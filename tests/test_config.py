@@ -150,3 +150,12 @@ def test_checkpoint_blocks_reach_the_backbone():
     cfg = load_config("hi_end_mae", ["model.checkpoint_blocks=-1"], preset="tiny")
     assert build_task(cfg).backbone.checkpoint_blocks == -1
     assert build_task(load_config("hi_end_mae", [], preset="tiny")).backbone.checkpoint_blocks == 0
+
+
+def test_dotted_overrides_inside_a_dict_field_add_to_it():
+    cfg = load_config("volume_fusion", ["model.kwargs.plans=/data/plans.json", "model.kwargs.configuration=3d_fullres",
+                                        "task.decoder_kwargs.dropout=0.1"], preset="tiny")
+    assert cfg.model.kwargs == {"plans": "/data/plans.json", "configuration": "3d_fullres"}
+    assert cfg.task.decoder_kwargs == {"dropout": 0.1}
+    whole = load_config("volume_fusion", ["model.kwargs.plans=/a.json", "model.kwargs={configuration: 2d}"], preset="tiny")
+    assert whole.model.kwargs == {"configuration": "2d"}  # a whole dict still replaces
