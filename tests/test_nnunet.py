@@ -120,7 +120,8 @@ def vf_run(planned):
     run = planned["root"] / "vf"
     _, log = run_pretrain_2proc("volume_fusion", planned["shards"], run, 3, "model.backbone=nnunet_resenc",
                                 f"model.kwargs.plans={planned['resenc']}", "model.kwargs.configuration=3d_fullres",
-                                "task.decoder=nnunet", "train.micro_batch=2")
+                                "task.decoder=nnunet", "train.micro_batch=2", "data.crop_size=[24,24,24]",
+                                "task.patch_size=[16,16,16]")
     r = subprocess.run([sys.executable, "-m", "medssl.pretrain", "export", str(run), "--format", "nnunet"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
