@@ -247,16 +247,23 @@ class Contrastive(nn.Module):
                               f"blocks; use 1-{levels}")
         self.backbone = backbone
         chans = list(backbone.feature_channels)
-        self.decoder = DECODERS.build(cfg.decoder, chans, strides, 2, **cfg.decoder_kwargs)
+        native = getattr(backbone, "native_decoder", None)  # a backbone that brings its own decoder (nnU-Net's)
+        if native and cfg.decoder != native:
+            raise ConfigError(f"task.decoder={cfg.decoder!r}: this backbone takes its own decoder, task.decoder={native} "
+                              "(so that the export is the whole network its framework builds)")
+        kwargs = {**(getattr(backbone, "decoder_kwargs", {}) if native else {}), **cfg.decoder_kwargs}
+        self.decoder = DECODERS.build(cfg.decoder, chans, strides, 2, **kwargs)
         self.decoder.registry_name = cfg.decoder  # recorded in the export's manifest (components.decoder)
-        size = tuple(getattr(backbone, "img_size", (96, 96, 96)))
-        deep = [s // strides[-1] for s in size]
+        size = tuple(getattr(backbone, "img_size", None) or (96, 96, 96))
+        # per-axis strides where a backbone's levels are anisotropic (nnU-Net plans), else the same on every axis
+        per_axis = getattr(backbone, "feature_strides_xyz", None) or [(s, s, s) for s in strides]
+        deep = [s // st for s, st in zip(size, per_axis[-1])]
         head_in = chans[-1] * (math.prod(deep) if cfg.global_pool == "flatten" else 1)
         norm = [nn.BatchNorm1d(cfg.proj_hidden)] if cfg.proj_norm == "batch" else []
         self.global_head = nn.Sequential(nn.Linear(head_in, cfg.proj_hidden, bias=False), *norm, nn.ReLU(inplace=True),
                                          nn.Linear(cfg.proj_hidden, cfg.proj_dim, bias=False))
         local_level = levels - cfg.decoder_blocks  # feature index (stride 2^level) of block L's output
-        self.local_side = tuple(s // strides[local_level] for s in size)
+        self.local_side = tuple(s // st for s, st in zip(size, per_axis[local_level]))
         if min(self.local_side) < cfg.region + 5:  # g = side − region − 1 ≥ 4 keeps the 35 windows distinct
             raise ConfigError(f"task.decoder_blocks={cfg.decoder_blocks} ends at a {self.local_side} map, too small for "
                               f"35 distinct {cfg.region}³ regions (each side needs {cfg.region + 5}): use a larger crop, "

@@ -170,3 +170,25 @@ def test_format_nnunet_refuses_other_backbones(tmp_path, capsys):
                                                                 "preprocessing": pre})
     with pytest.raises(ExportError, match="not an nnU-Net network"):
         export_nnunet(tmp_path)
+
+
+def test_contrastive_runs_on_nnunet_with_its_own_decoder(planned, one_thread):
+    """Global + local contrastive on nnU-Net's network: the global embedding from the encoder, the local one from the
+    first decoder stages of nnU-Net's own decoder (anisotropic levels: the region grid follows each axis's stride)."""
+    from medssl.pretrain.config import load_config
+    from medssl.pretrain.train import build_task
+
+    cfg = load_config("contrastive", ["model.backbone=nnunet_plain", f"model.kwargs={{plans: {planned['plain']}}}",
+                                      "task.decoder=nnunet"], preset="tiny")
+    task = build_task(cfg)
+    assert type(task.decoder).__name__ == "NNUNetDecoder"
+    names = [n for n, _ in task.decoder.named_parameters()]
+    used = [n for n in names if n.startswith(task.decoder_used)]
+    assert used and len(used) < len(names)  # the first decoder stages only
+    x = torch.randn(2, 1, *cfg.data.crop_size)
+    assert task.embed_global(x).shape == (2, cfg.task.proj_dim)
+    assert task.embed_local(x).shape[0] == 2
+    bad = load_config("contrastive", ["model.backbone=nnunet_plain", f"model.kwargs={{plans: {planned['plain']}}}"],
+                      preset="tiny")
+    with pytest.raises(ValueError, match="task.decoder=nnunet"):
+        build_task(bad)

@@ -138,6 +138,8 @@ class NNUNetEncoder(nn.Module):
         self.feature_strides = [max(s) for s in strides]
         self.feature_channels = [int(c) for c in self.encoder.output_channels]
         self.in_chans = int(in_chans)
+        if img_size is not None:  # the crop the run trains on (recipes size their heads from it; not part of config)
+            self.img_size = (int(img_size),) * 3 if isinstance(img_size, (int, float)) else tuple(int(v) for v in img_size)
         # the decoder recipes attach to this backbone (task.decoder), and what it is built from
         self.native_decoder = "nnunet"
         self.decoder_kwargs = {"architecture": architecture, "in_chans": int(in_chans)}
@@ -172,7 +174,9 @@ def _backbone(kind: str, plans=None, configuration: str = "3d_fullres", architec
               in_chans: int = 1, img_size=None, plans_name: str = "", checkpoint_blocks: int = 0,
               dataset_name: str = "", **unused) -> NNUNetEncoder:
     if unused:
-        raise TypeError(f"{kind}: unknown arguments {sorted(unused)} (give plans=… and configuration=…)")
+        raise PlansError(f"{kind} takes plans and configuration; model.kwargs also holds {sorted(unused)} (a recipe's or "
+                         "preset's settings for another backbone): replace them, model.kwargs={plans: PATH, "
+                         "configuration: 3d_fullres}")
     if architecture is None:
         if plans is None:
             raise PlansError(f"{kind} is built from an nnU-Net plans file: model.kwargs.plans=PATH/nnUNetResEncUNetLPlans"
@@ -230,13 +234,24 @@ class NNUNetDecoder(nn.Module):
     def config(self) -> dict:
         return json.loads(json.dumps(self._config))
 
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+    def forward_levels(self, feats: Sequence[Tensor], depth: int | None = None) -> list[Tensor]:
+        """The deepest feature and the output of each decoder stage, finest first, in the crop's axis order; ``depth``
+        runs only the first ``depth`` stages from the bottleneck (a recipe that pretrains part of the decoder)."""
         skips = [_reverse(f) for f in feats]  # nnU-Net's Z, Y, X
         x = skips[-1]
-        for s in range(len(self.stages)):  # UNetDecoder.forward without deep supervision
+        out = [x]
+        for s in range(len(self.stages))[:depth]:  # UNetDecoder.forward without deep supervision
             x = self.transpconvs[s](x)
             x = self.stages[s](torch.cat((x, skips[-(s + 2)]), 1))
-        return _reverse(self.seg_layers[-1](x))  # [B, K, X, Y, Z]
+            out.append(x)
+        return [_reverse(t) for t in out[::-1]]
+
+    def level_prefixes(self, depth: int) -> list[str]:
+        """Parameter-name prefixes of the first ``depth`` stages from the bottleneck."""
+        return [p for s in range(depth) for p in (f"transpconvs.{s}.", f"stages.{s}.")]
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        return self.seg_layers[-1](_reverse(self.forward_levels(feats)[0])).permute(0, 1, 4, 3, 2)  # [B, K, X, Y, Z]
 
 
 def ct_window(plans: str | Path, channel: int = 0) -> tuple[list[float], list[float]]:
