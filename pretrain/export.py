@@ -30,6 +30,20 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes an export's t
 NONFINITE_FLAG = "allow_nonfinite=True"  # how load_backbone's caller lets NaN/inf weights through
 
 
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length (spaces pad, as the format
+    allows): safetensors writes ``__metadata__`` in an order that changes from process to process, so the same
+    tensors would otherwise give files (and manifest sha256s) that differ."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > n:  # cannot happen for a compact header; leave the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
     """Write a safetensors file with the permissions of any other file the process writes.
 
@@ -41,6 +55,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
+    _sort_header(tmp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)

@@ -372,6 +372,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
         checkpoint.set_rng_state(info["rng"])  # last, so that nothing above draws from the restored generators
     elif start:
         torch.manual_seed(t.seed * 1_000_003 + env.rank * 7919 + start)  # another world: fresh, reproducible draws
+    batch_log = _batch_log(run_dir, env)
     t_last, s_last, bad_in_row = time.time(), samples, 0
     step, saved_at, stopped = start, start, False
     batch = None
@@ -387,6 +388,9 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
         for _ in range(t.grad_accum):
             watch.note(step + 1, "waiting for data")
             batch = _to_device(next(batches), env.device)
+            if batch_log is not None:
+                batch_log.write(json.dumps({"step": step + 1, "rank": env.rank, "local_rank": env.local_rank,
+                                            "world": env.world_size, "keys": list(batch["key"])}) + "\n")
             with watch.armed(step + 1, "forward, backward, gradient all-reduce and optimizer step"):
                 with autocast:
                     out = eng(batch)
@@ -439,6 +443,8 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
             break
     watch.close()
     stopper.close()
+    if batch_log is not None:
+        batch_log.close()
     bar.close()
     errors = stream_errors(loader)
     log.close()
@@ -469,6 +475,15 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
         export_run(run_dir, tag=checkpoint.tag_for(step))
     engine.barrier()
     return run_dir
+
+
+def _batch_log(run_dir: Path, env: engine.DistEnv):
+    """``MEDSSL_BATCH_LOG=1`` (tests, checking a launch's data split): every rank appends one line per micro-batch,
+    ``{"step", "rank", "local_rank", "world", "keys"}`` (the volume key of each crop), to
+    ``RUN/batches_rank{r}.jsonl``; line-buffered, so a killed run keeps what it read. Off (None) otherwise."""
+    if os.environ.get("MEDSSL_BATCH_LOG", "") in ("", "0"):
+        return None
+    return open(run_dir / f"batches_rank{env.rank}.jsonl", "a", buffering=1)
 
 
 def stream_errors(loader) -> dict:
