@@ -156,6 +156,7 @@ BACKBONE_KWARGS: dict[str, Field] = {
     "plans_name": Field("str", required=False, hi=256),
     "configuration": Field("str", required=False, hi=256),
     "dataset_name": Field("str", required=False, hi=256),
+    "net_axes": _ints(0, 2, (3, 3), required=False),
 }
 
 # Keyword arguments of the registered decoders a component may name.
@@ -174,6 +175,7 @@ DECODER_KWARGS: dict[str, dict[str, Field]] = {
         "out_channels": _int(lo=1, hi=1024),
         "architecture": Field("dict", keys=("network_class_name", "arch_kwargs", "_kw_requires_import")),
         "in_chans": _int(lo=1, hi=MAX_CHANNELS, required=False),
+        "net_axes": _ints(0, 2, (3, 3), required=False),
     },
     "fmunet": {
         "feature_channels": _ints(1, 8192, (1, 12)),
@@ -406,7 +408,7 @@ def _meta_build(make, what: str, where: str, field: str, kwargs: dict, fix: str,
     try:
         with torch.device("meta"):
             module = make()
-    except (ValueError, TypeError, KeyError, IndexError, AssertionError, RuntimeError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, AssertionError, RuntimeError, AttributeError) as exc:
         raise error(f"{where}: {field} = {show(kwargs, 120)} do not build {what} ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}); {fix}") from None
     _, _, numel = _count(module)

@@ -390,7 +390,7 @@ def train(cfg: RunConfig, resume: str = "auto", ds_user: dict | None = None, pro
             batch = _to_device(next(batches), env.device)
             if batch_log is not None:
                 batch_log.write(json.dumps({"step": step + 1, "rank": env.rank, "local_rank": env.local_rank,
-                                            "world": env.world_size, "keys": list(batch["key"])}) + "\n")
+                                            "world": env.world_size, "keys": list(batch.get("key", []))}) + "\n")
             with watch.armed(step + 1, "forward, backward, gradient all-reduce and optimizer step"):
                 with autocast:
                     out = eng(batch)

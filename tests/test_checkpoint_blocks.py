@@ -151,6 +151,8 @@ def test_hymamba_masked_path_checkpointed():
 
 def test_every_registered_builder_accepts_the_keyword():
     for name in BACKBONES.names():
+        if name.startswith("nnunet_"):  # built from an nnU-Net plans file: tests/test_nnunet.py
+            continue
         with torch.device("meta"):
             m = build_backbone(name, checkpoint_blocks=-1)
         assert m.checkpoint_blocks == -1, name

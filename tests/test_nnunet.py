@@ -108,7 +108,7 @@ def test_plans_errors_name_the_file_and_the_fix(planned, tmp_path):
     doc["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "subprocess.ResidualEncoderUNet"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
-    with pytest.raises(PlansError, match="not a class of dynamic_network_architectures"):
+    with pytest.raises(PlansError, match="is not one medssl builds"):
         build_backbone("nnunet_resenc", plans=str(bad))
 
 
@@ -192,3 +192,71 @@ def test_contrastive_runs_on_nnunet_with_its_own_decoder(planned, one_thread):
                       preset="tiny")
     with pytest.raises(ValueError, match="task.decoder=nnunet"):
         build_task(bad)
+
+
+@pytest.mark.parametrize("transpose", [[0, 1, 2], [1, 0, 2], [2, 1, 0], [0, 2, 1], [1, 2, 0], [2, 0, 1]])
+def test_crops_reach_the_network_in_nnunets_axis_order(transpose):
+    """nnU-Net's network sees the stored image's (z, y, x) array transposed by the plans' ``transpose_forward`` (the
+    coarsest-spaced axis first); a medssl crop is (X, Y, Z) = the stored voxel order of an axially stored image. The
+    backbone's permutation must give the array nnU-Net's preprocessing gives, and bring the network's output back."""
+    from medssl.pretrain.backbones.nnunet import _from_net, _to_net, net_axes_from
+
+    crop = torch.randn(1, 1, 5, 6, 7)  # [B, C, X, Y, Z]
+    stored = crop.permute(0, 1, 4, 3, 2)  # what nnU-Net's SimpleITK reader returns: [B, C, z, y, x]
+    theirs = stored.permute(0, 1, *[t + 2 for t in transpose])  # DefaultPreprocessor: data.transpose(transpose_forward)
+    axes = net_axes_from(transpose)
+    assert torch.equal(_to_net(crop, axes), theirs)
+    assert torch.equal(_from_net(theirs, axes), crop)
+
+
+def test_an_export_naming_other_code_is_refused_before_anything_runs(planned, tmp_path):
+    """A manifest is untrusted: an architecture that names anything but nnU-Net's two U-Nets and torch.nn's layers
+    (here a path that walks from torch.nn to os.system) is refused while the manifest is read; nothing is called."""
+    from medssl.pretrain.backbones import build_backbone
+    from medssl.pretrain.backbones.nnunet import PlansError
+    from medssl.pretrain.export import ExportError, read_manifest, write_export
+
+    b = build_backbone("nnunet_plain", plans=str(planned["plain"]))
+    pre = {"orientation": "RAS", "spacing": "1.5", "crop_size": [32, 32, 32],
+           "intensity": {"CT": {"window": [-175.0, 250.0], "out": [0.0, 1.0], "clip": True}}}
+    export = write_export(tmp_path / "export", "nnunet_plain", b, b.state_dict(),
+                          {"recipe": "volume_fusion", "step": 1, "samples_seen": 2, "preprocessing": pre})
+    read_manifest(export)  # as written: fine
+    marker = tmp_path / "PWNED"
+    manifest = json.loads((export / "manifest.json").read_text())
+    arch = manifest["backbone"]["kwargs"]["architecture"]
+    arch["arch_kwargs"]["nonlin"] = "torch.nn.modules.module.torch.serialization.os.system"
+    arch["arch_kwargs"]["nonlin_kwargs"] = {"command": f"touch {marker}"}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="not a torch.nn class medssl builds"):
+        read_manifest(export)
+    assert not marker.exists()
+    huge = json.loads(json.dumps(b.architecture))
+    huge["arch_kwargs"]["n_stages"] = 100_000
+    with pytest.raises(PlansError, match="n_stages"):
+        build_backbone("nnunet_plain", architecture=huge)
+
+
+def test_checkpointed_stages_give_the_same_gradients(planned, one_thread):
+    import torch.utils.checkpoint as tuc
+
+    from medssl.pretrain.backbones import build_backbone
+
+    torch.manual_seed(0)
+    plain = build_backbone("nnunet_plain", plans=str(planned["plain"]))
+    ckpt = build_backbone("nnunet_plain", plans=str(planned["plain"]), checkpoint_blocks=-1)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 32, 32, 16)
+    calls = []
+    real = tuc.checkpoint
+    tuc.checkpoint = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        grads = []
+        for m in (plain, ckpt):
+            m.train()
+            sum(f.float().pow(2).mean() for f in m.forward_features(x)).backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    finally:
+        tuc.checkpoint = real
+    assert len(calls) == len(ckpt.encoder.stages)
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
