@@ -354,6 +354,9 @@ def main(argv=None) -> int:
                             "for other ViT sizes) and the lines that load it; the medssl export is always written")
         p.add_argument("--monai-network", choices=["unetr", "vit"], default="unetr",
                        help="with --format monai: UNETR (encoder filled, its decoder new) or ViT (loads strictly)")
+        p.add_argument("--monai-img-size", type=int, nargs="+", metavar="N",
+                       help="with --format monai: the crop the MONAI network is built for (one size or X Y Z; default "
+                            "the pretraining crop); the position embedding is computed for it")
         a = p.parse_args(argv[1:])
         from .config import ConfigError
         from .export import export_run
@@ -367,7 +370,11 @@ def main(argv=None) -> int:
             if "monai" in a.format:
                 from .monai_format import export_monai
 
-                export_monai(dest, network=a.monai_network)
+                size = a.monai_img_size
+                if size is not None and len(size) not in (1, 3):
+                    return _error(f"--monai-img-size {' '.join(map(str, size))}: give one size or three (X Y Z)")
+                export_monai(dest, network=a.monai_network,
+                             img_size=None if size is None else (size * 3 if len(size) == 1 else size))
         except (ConfigError, ValueError) as exc:
             return _error(str(exc))
         return 0

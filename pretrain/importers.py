@@ -126,14 +126,16 @@ def _check_fits(checkpoint: Path, what: str, module: torch.nn.Module, state: dic
 
 
 def _write_staged(out: str | Path, write) -> Path:
-    """``write(folder)`` into a temporary folder beside ``out``, then moved into place: ``out`` itself when it does
-    not exist (or is empty), else file by file with the manifest last. A failure while writing leaves ``out`` as it
-    was."""
-    from .manifest import MANIFEST_FILE
-
+    """``write(folder)`` into a temporary folder beside ``out``, then moved into place as ``out`` (which must not exist
+    or be empty: an earlier export or anything else there is never replaced). A failure while writing leaves ``out``
+    as it was."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the export")
+    if out.is_dir() and any(out.iterdir()):
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise ValueError(f"--out {out} already holds files ({held}{', …' if len(list(out.iterdir())) > 3 else ''}); "
+                         "nothing there is replaced: give a new folder, or move that one away first")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -143,12 +145,7 @@ def _write_staged(out: str | Path, write) -> Path:
         write(tmp)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            names = sorted(p.name for p in tmp.iterdir())
-            for name in sorted(names, key=lambda n: n == MANIFEST_FILE):
-                os.replace(tmp / name, out / name)
+        os.replace(tmp, out)  # a folder that appeared meanwhile (and is not empty) makes this fail: nothing replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

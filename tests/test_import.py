@@ -77,3 +77,16 @@ def test_import_the_released_size(tmp_path):
     out = _import(tmp_path, state)
     assert read_manifest(out)["backbone"]["name"] == "vit3d_large_p12"
     assert load_backbone(out).state_dict()["blocks.11.mlp.fc2.weight"].shape == (1536, 6144)
+
+
+def test_an_import_never_replaces_what_is_in_its_folder(tmp_path, capsys):
+    """A second import into a folder that holds an export is refused with the way out; the first export stays."""
+    from medssl.pretrain.backbones import build_backbone
+
+    with torch.device("meta"):
+        tiny = build_backbone("vit3d_tiny_p16")
+    out = _import(tmp_path, official_state(tiny.embed_dim, len(tiny.blocks), tiny.patch_size, 96 // tiny.patch_size))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert import_main(["hi_end_mae", str(tmp_path / "ckpt.pth"), "--out", str(out)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -319,12 +319,16 @@ def test_the_command_line_refuses_without_a_traceback(tmp_path):
     assert not out.exists()
 
 
-def test_reimport_replaces_an_existing_export(imported, tmp_path):
-    """An existing export folder is updated in place, the manifest last."""
+def test_an_existing_export_is_never_replaced(imported, tmp_path, capsys):
+    """A folder that holds files is refused with the way out, and keeps them; an empty one is used."""
     net, path, _ = imported
     out = tmp_path / "export"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"old": True}))
+    assert import_main(["volume_fusion", str(path), "--out", str(out)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text()) == {"old": True}
+    (out / "manifest.json").unlink()
     assert import_main(["volume_fusion", str(path), "--out", str(out)]) == 0
     assert read_manifest(out)["recipe"] == "volume_fusion"
     assert not list(tmp_path.glob(".export.tmp-*"))
