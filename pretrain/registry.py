@@ -42,6 +42,20 @@ class Registry:
         return name in self._items
 
 
+def build_decoder(backbone, name: str, feature_strides, out_channels: int, kwargs: dict):
+    """A recipe's decoder ``name`` over ``backbone``'s features. A backbone that brings its own decoder (``native_decoder``,
+    e.g. nnU-Net's) takes that one, built from the backbone's ``decoder_kwargs`` (the recipe's ``kwargs`` on top), so
+    that the export is the whole network its framework builds."""
+    native = getattr(backbone, "native_decoder", None)
+    if native and name != native:
+        from .config import ConfigError
+
+        raise ConfigError(f"task.decoder={name!r}: this backbone takes its own decoder, task.decoder={native} (so that the "
+                          "export is the whole network its framework builds)")
+    kw = {**(getattr(backbone, "decoder_kwargs", {}) if native else {}), **kwargs}
+    return DECODERS.build(name, list(backbone.feature_channels), list(feature_strides), out_channels, **kw)
+
+
 BACKBONES = Registry("backbone")
 TASKS = Registry("pretext task")
 DECODERS = Registry("decoder")

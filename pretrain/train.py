@@ -206,6 +206,11 @@ CROP_DEVICES = ("cpu", "cuda", "auto", "cpu-pool")
 DEFAULT_DEVICE_POOL = "4GiB"
 
 
+def device_pool(cfg: RunConfig):
+    """``data.device_pool``, or the default size."""
+    return DEFAULT_DEVICE_POOL if cfg.data.device_pool is None else cfg.data.device_pool
+
+
 def crop_device(cfg: RunConfig, device: torch.device | None = None) -> str:
     """Where this run cuts its crops: ``workers`` (the stream's DataLoader workers) or the device pool on ``cuda`` or
     ``cpu``; checks ``data.crop_device`` and ``data.device_pool`` (``ConfigError`` naming the key and the fix)."""
@@ -218,7 +223,7 @@ def crop_device(cfg: RunConfig, device: torch.device | None = None) -> str:
         raise ConfigError(f"data.crop_device={d.crop_device!r} must be one of {', '.join(CROP_DEVICES)} (cpu: the "
                           "DataLoader workers cut crops; cuda: the device pool on the training GPU)")
     try:
-        parse_budget(DEFAULT_DEVICE_POOL if d.device_pool is None else d.device_pool)
+        parse_budget(device_pool(cfg))
     except ValueError as exc:
         raise ConfigError(f"data.{exc}") from None
     on_gpu = device is not None and device.type == "cuda"
@@ -239,7 +244,7 @@ def crop_place(cfg: RunConfig, device: torch.device) -> str:
     where = crop_device(cfg, device)
     if where == "workers":
         return f"{cfg.data.num_workers} DataLoader worker(s) per rank"
-    return f"the device pool on {where} ({cfg.data.device_pool or DEFAULT_DEVICE_POOL}; workers decode)"
+    return f"the device pool on {where} ({device_pool(cfg)}; workers decode)"
 
 
 def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
@@ -252,9 +257,8 @@ def make_stream(cfg: RunConfig, env: engine.DistEnv, seed: int):
         return shards.stream(cfg.data.shards, sc, rank=env.rank, world_size=env.world_size)
     from medssl.shards.pool import DevicePool
 
-    budget = DEFAULT_DEVICE_POOL if cfg.data.device_pool is None else cfg.data.device_pool
     return DevicePool(cfg.data.shards, sc, device=env.device if where == "cuda" else torch.device("cpu"),
-                      budget=budget, rank=env.rank, world_size=env.world_size)
+                      budget=device_pool(cfg), rank=env.rank, world_size=env.world_size)
 
 
 def summary(cfg: RunConfig, env: engine.DistEnv, task, plan, start: int, resumed_from: str | None) -> str:

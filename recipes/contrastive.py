@@ -233,7 +233,7 @@ class Contrastive(nn.Module):
 
     def __init__(self, backbone: nn.Module, cfg: ContrastiveConfig | None = None):
         super().__init__()
-        from medssl.pretrain.registry import DECODERS
+        from medssl.pretrain.registry import build_decoder
 
         self.cfg = cfg = cfg or ContrastiveConfig()
         cfg.__post_init__()  # the checks again: overrides are set after the dataclass was built
@@ -247,12 +247,7 @@ class Contrastive(nn.Module):
                               f"blocks; use 1-{levels}")
         self.backbone = backbone
         chans = list(backbone.feature_channels)
-        native = getattr(backbone, "native_decoder", None)  # a backbone that brings its own decoder (nnU-Net's)
-        if native and cfg.decoder != native:
-            raise ConfigError(f"task.decoder={cfg.decoder!r}: this backbone takes its own decoder, task.decoder={native} "
-                              "(so that the export is the whole network its framework builds)")
-        kwargs = {**(getattr(backbone, "decoder_kwargs", {}) if native else {}), **cfg.decoder_kwargs}
-        self.decoder = DECODERS.build(cfg.decoder, chans, strides, 2, **kwargs)
+        self.decoder = build_decoder(backbone, cfg.decoder, strides, 2, cfg.decoder_kwargs)
         self.decoder.registry_name = cfg.decoder  # recorded in the export's manifest (components.decoder)
         size = tuple(getattr(backbone, "img_size", None) or (96, 96, 96))
         # per-axis strides where a backbone's levels are anisotropic (nnU-Net plans), else the same on every axis

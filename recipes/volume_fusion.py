@@ -225,7 +225,7 @@ class VolumeFusion(nn.Module):
 
     def __init__(self, backbone: nn.Module, cfg: VolumeFusionConfig | None = None):
         super().__init__()
-        from medssl.pretrain.registry import DECODERS
+        from medssl.pretrain.registry import build_decoder
 
         cfg = cfg or VolumeFusionConfig()
         if cfg.variant not in ("grid", "batch"):
@@ -240,13 +240,8 @@ class VolumeFusion(nn.Module):
         if any(p % stride for p in cfg.patch_size):
             raise ValueError(f"task.patch_size {cfg.patch_size} must divide by the backbone's deepest stride {stride}")
         self.cfg, self.backbone = cfg, backbone
-        native = getattr(backbone, "native_decoder", None)  # a backbone that brings its own decoder (nnU-Net's)
-        if native and cfg.decoder != native:
-            raise ValueError(f"task.decoder={cfg.decoder!r}: this backbone takes its own decoder, task.decoder={native} "
-                             "(so that the export is the whole network its framework builds)")
-        kwargs = {**(getattr(backbone, "decoder_kwargs", {}) if native else {}), **cfg.decoder_kwargs}
-        self.decoder = DECODERS.build(cfg.decoder, list(backbone.feature_channels), list(backbone.feature_strides),
-                                      cfg.fusion_classes + 1, **kwargs)
+        self.decoder = build_decoder(backbone, cfg.decoder, backbone.feature_strides, cfg.fusion_classes + 1,
+                                     cfg.decoder_kwargs)
         self.decoder.registry_name = cfg.decoder  # recorded in the export's manifest (components.decoder)
         from monai.losses import DiceCELoss
 

@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .crops import body_points, draw_flips, draw_jitter, pad_to, plane_map, sample_origins
+from .crops import draw_flips, draw_jitter, pad_to, plane_map, sample_origins
 from .loader import ShardLoader, ShardStream, StreamConfig, _rank_world
 from .slots import _ErrorLog, _TrainVolumes
 from .verify import load_samples

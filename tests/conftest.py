@@ -77,3 +77,25 @@ def run_pretrain_2proc(recipe: str, shards, out, steps: int, *overrides: str, ti
                        timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return out, r.stdout + r.stderr
+
+
+def two_sequence_mri_shards(raw: Path, out: Path, n: int, seed: int) -> Path:
+    """``n`` MRI phantoms with two sequences each (nnU-Net ``_0000`` T1-like, ``_0001`` the same flipped at half scale:
+    an unrelated intensity scale, so each channel gets its own window) in ``raw``, built into shards in ``out``."""
+    import json
+
+    import nibabel as nib
+
+    from medssl.shards.build import BuildConfig, build
+    from medssl.shards.synth import synth_dataset
+
+    synth_dataset(raw, n=n, seed=seed, modality="MR", fov_scale=0.3, progress=False)
+    for f in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
+        img = nib.load(str(f))
+        second = np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[::-1] * 0.5)
+        nib.save(nib.Nifti1Image(second, img.affine), str(f).replace("_0000.nii.gz", "_0001.nii.gz"))
+    desc = json.loads((raw / "dataset.json").read_text())
+    desc["channel_names"] = {"0": "T1", "1": "T2"}
+    (raw / "dataset.json").write_text(json.dumps(desc))
+    build(BuildConfig(inputs=[str(raw)], shard_size="200k"), out, workers=1, progress=False)
+    return out

@@ -39,24 +39,11 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def two_sequence_mri(tmp_path_factory):
-    """Three float16 MRI phantoms with two sequences each (T1, and a flipped half-scale T2), own window per channel."""
-    import nibabel as nib
+    """Three float16 MRI phantoms with two sequences each, own window per channel."""
+    from tests.conftest import two_sequence_mri_shards
 
-    from medssl.shards.build import BuildConfig, build
-    from medssl.shards.synth import synth_dataset
-
-    raw = tmp_path_factory.mktemp("pool_mr") / "Dataset951_TwoSeq"
-    synth_dataset(raw, n=3, seed=6, modality="MR", fov_scale=0.3, progress=False)
-    for f in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
-        img = nib.load(str(f))
-        second = np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[::-1] * 0.5)
-        nib.save(nib.Nifti1Image(second, img.affine), str(f).replace("_0000.nii.gz", "_0001.nii.gz"))
-    desc = json.loads((raw / "dataset.json").read_text())
-    desc["channel_names"] = {"0": "T1", "1": "T2"}
-    (raw / "dataset.json").write_text(json.dumps(desc))
-    out = tmp_path_factory.mktemp("pool_mr_shards")
-    build(BuildConfig(inputs=[str(raw)], shard_size="200k"), out, workers=1, progress=False)
-    return out
+    return two_sequence_mri_shards(tmp_path_factory.mktemp("pool_mr") / "Dataset951_TwoSeq",
+                                   tmp_path_factory.mktemp("pool_mr_shards"), n=3, seed=6)
 
 
 @pytest.mark.parametrize("case", ["ct-cube", "ct-not-square", "ct-padded", "mri-two-sequences"])

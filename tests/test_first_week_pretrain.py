@@ -31,24 +31,10 @@ STEPS, LOG_EVERY = 4, 2
 @pytest.fixture(scope="module")
 def two_channel(tmp_path_factory):
     """Three MRI phantoms with two sequences each (nnU-Net ``_0000``/``_0001``), built into shards."""
-    import nibabel as nib
-    import numpy as np
+    from tests.conftest import two_sequence_mri_shards
 
-    from medssl.shards.build import BuildConfig, build
-    from medssl.shards.synth import synth_dataset
-
-    raw = tmp_path_factory.mktemp("mr2") / "Dataset950_TwoSeq"
-    synth_dataset(raw, n=3, seed=5, modality="MR", fov_scale=0.3, progress=False)
-    for f in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
-        img = nib.load(str(f))
-        second = np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[::-1] * 0.5)
-        nib.save(nib.Nifti1Image(second, img.affine), str(f).replace("_0000.nii.gz", "_0001.nii.gz"))
-    desc = json.loads((raw / "dataset.json").read_text())
-    desc["channel_names"] = {"0": "T1", "1": "T2"}
-    (raw / "dataset.json").write_text(json.dumps(desc))
-    out = tmp_path_factory.mktemp("shards2")
-    build(BuildConfig(inputs=[str(raw)], shard_size="200k"), out, workers=1, progress=False)
-    return out
+    return two_sequence_mri_shards(tmp_path_factory.mktemp("mr2") / "Dataset950_TwoSeq",
+                                   tmp_path_factory.mktemp("shards2"), n=3, seed=5)
 
 
 def _args(shards, out, *extra):

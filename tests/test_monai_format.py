@@ -17,7 +17,7 @@ import torch
 
 from medssl.pretrain.backbones import build_backbone, sincos_pos_embed_3d
 from medssl.pretrain.export import ExportError, load_backbone, write_export
-from medssl.pretrain.monai_format import (LAYER_NORM_EPS, export_monai, loading_lines, to_monai, vit3d_to_monai,
+from medssl.pretrain.monai_format import (LAYER_NORM_EPS, export_monai, loading_lines, to_monai,
                                           write_monai)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

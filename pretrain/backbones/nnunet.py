@@ -23,7 +23,6 @@ file (it names classes that are imported by name).
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from pathlib import Path
 from typing import Sequence
